@@ -1,0 +1,18 @@
+# The two commands of the README's contract. Each sets up what it needs on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: serve test env models
+
+env:
+	bash scripts/setup_env.sh $(VENV)
+
+models: env
+	HF_HUB_OFFLINE=1 $(PY) -m faser_sgl.default_models
+
+serve: models
+	HF_HUB_OFFLINE=1 $(PY) -m faser_sgl.launch_server $(ARGS)
+
+test: models
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs $(ARGS)

@@ -1,0 +1,90 @@
+"""One generation request as the scheduler tracks it, and its finish conditions."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, Optional
+
+# How many prompt tokens the first output message carries so that the detokenizer can decode
+# the first output tokens in context (a token's text can depend on the one before it).
+PROMPT_TAIL_FOR_DETOKENIZER = 5
+
+
+def finish_length(length: int) -> dict:
+    return {"type": "length", "length": length}
+
+
+def finish_stop(matched: int | str) -> dict:
+    return {"type": "stop", "matched": matched}
+
+
+def finish_abort(message: str, status_code: Optional[int] = None) -> dict:
+    reason: dict[str, Any] = {"type": "abort", "message": message}
+    if status_code is not None:
+        # The TokenizerManager turns an abort with a 4xx/5xx status into an HTTP error.
+        reason["status_code"] = int(status_code)
+        reason["err_type"] = "BadRequestError" if status_code == HTTPStatus.BAD_REQUEST else "Error"
+    return reason
+
+
+@dataclass
+class StopConditions:
+    max_new_tokens: int
+    stop_token_ids: frozenset[int]  # eos ids + the request's stop_token_ids; empty if ignore_eos
+    stop_strs: tuple[str, ...] = ()
+    stop_str_max_tokens: int = 0  # longest stop string in tokens, bounds the text to re-decode
+    min_new_tokens: int = 0  # stop tokens do not end the output before this many tokens
+
+
+@dataclass(eq=False)
+class Request:
+    rid: str
+    http_worker_ipc: Optional[str]
+    prompt_ids: list[int]
+    stop: StopConditions
+    sampling: Any  # faser_sgl.executor.sampler.SamplingOptions
+    stream: bool
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    output_ids: list[int] = field(default_factory=list)
+    # KV slots of the tokens already in the cache, in order.  They cover the first
+    # len(kv_slots) tokens of prompt_ids + output_ids.
+    kv_slots: list[int] = field(default_factory=list)
+    finished_reason: Optional[dict] = None
+    num_sent: int = 0  # output ids already sent to the detokenizer
+    started_output: bool = False  # the first message (with the prompt tail) went out
+    finish_sent: bool = False
+    retraction_count: int = 0
+    # Speculative decoding counters, per request (SGLang's names where they exist).
+    spec_verify_ct: int = 0
+    spec_accepted_drafts: int = 0
+    spec_drafted_tokens: int = 0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self.kv_slots)
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_reason is not None
+
+    @property
+    def is_health_check(self) -> bool:
+        return self.rid.startswith("HEALTH_CHECK")
+
+    def uncached_ids(self) -> list[int]:
+        """Tokens whose KV is not in the cache yet: what the next forward must feed."""
+        return self.all_ids[self.num_cached:]

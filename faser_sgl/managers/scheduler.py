@@ -1,0 +1,336 @@
+"""faser_sgl's scheduler process: SGLang's replacement scheduler manager.
+
+SGLang's launcher spawns ``run_scheduler_process`` (see faser_sgl.launch_server).  It loads our
+executor, answers the startup handshake over the pipe, then loops: receive io_struct messages,
+plan a continuous batch, run one forward pass, send new token ids to the detokenizer.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import time
+import traceback
+from http import HTTPStatus
+
+import psutil
+import torch
+
+from faser_sgl.managers.batch_planner import BatchPlanner
+from faser_sgl.managers.control import ControlHandler
+from faser_sgl.managers.output_builder import build_output, should_send
+from faser_sgl.managers.request import Request, StopConditions, finish_abort, finish_length
+from faser_sgl.managers.stop_checker import StopChecker
+from faser_sgl.managers.token_generator import TargetOnlyGenerator
+from faser_sgl.options import FaserOptions
+
+logger = logging.getLogger("faser_sgl.scheduler")
+
+IDLE_POLL_MS = 200
+
+
+class BadRequest(ValueError):
+    """A request the scheduler refuses; the client gets HTTP 400 with this message."""
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class Scheduler:
+    def __init__(self, server_args, port_args, options: FaserOptions, sockets=None):
+        from faser_sgl.executor.model_runner import ModelRunner
+        from faser_sgl.executor.sampler import Sampler
+
+        self.server_args = server_args
+        self.options = options
+        self.device = "cuda" if options.attention_backend == "flashinfer" else "cpu"
+        dtype_name = options.dtype if options.dtype != "auto" or server_args.dtype in (None, "auto") \
+            else server_args.dtype
+        self.dtype = resolve_dtype(dtype_name, self.device)
+        if options.num_threads > 0:
+            torch.set_num_threads(options.num_threads)
+        seed = server_args.random_seed if server_args.random_seed is not None else 0
+        torch.manual_seed(seed)
+
+        self.runner = ModelRunner(
+            server_args.model_path,
+            dtype=self.dtype,
+            device=self.device,
+            attention_backend=options.attention_backend,
+            max_total_tokens=server_args.max_total_tokens or options.default_kv_slots,
+        )
+        config = self.runner.config
+        self.vocab_size = config.vocab_size
+        self.context_len = server_args.context_length or config.max_position_embeddings
+        self.eos_token_ids = set(config.eos_token_ids)
+        self.tokenizer = None
+        if not server_args.skip_tokenizer_init:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                server_args.tokenizer_path or server_args.model_path,
+                trust_remote_code=server_args.trust_remote_code,
+            )
+            if self.tokenizer.eos_token_id is not None:
+                self.eos_token_ids.add(self.tokenizer.eos_token_id)
+
+        self.allocator = self.runner.allocator
+        self.pool_size = self.allocator.num_total
+        self.max_running_requests = server_args.max_running_requests or 64
+        self.planner = BatchPlanner(
+            self.allocator,
+            max_running_requests=self.max_running_requests,
+            max_step_tokens=server_args.chunked_prefill_size or options.max_step_tokens,
+        )
+        self.sampler = Sampler()
+        self.generator = TargetOnlyGenerator(self.runner, self.sampler)
+        self.stop_checker = StopChecker(self.tokenizer)
+        self.stream_interval = max(1, server_args.stream_interval or 1)
+        self.sockets = sockets
+        self.control = ControlHandler(self)
+        self.gracefully_exit = False
+        self.stats = {"num_generated_tokens": 0, "num_finished_requests": 0, "num_forward_steps": 0}
+        self._throughput_window = (time.monotonic(), 0)
+        self.last_gen_throughput = 0.0
+
+    # -- handshake ---------------------------------------------------------------------------
+    @property
+    def max_req_input_len(self) -> int:
+        # A prompt must leave room for one output token in both the context and the pool.
+        return min(self.context_len, self.pool_size) - 1
+
+    def init_info(self, startup_time: dict) -> dict:
+        return {
+            "status": "ready",
+            "max_total_num_tokens": self.pool_size,
+            "max_req_input_len": self.max_req_input_len,
+            "startup_time": startup_time,
+        }
+
+    # -- event loop --------------------------------------------------------------------------
+    def run_forever(self, parent_pid: int) -> None:
+        while not self.gracefully_exit:
+            timeout = 0 if self.planner.has_work() else IDLE_POLL_MS
+            for msg, from_rpc in self.sockets.receive(timeout):
+                self.handle_message(msg, from_rpc)
+            if self.planner.has_work():
+                self.step()
+            elif not psutil.pid_exists(parent_pid):
+                logger.info("parent process is gone; scheduler exits")
+                return
+
+    def handle_message(self, msg, from_rpc: bool = False) -> None:
+        from sglang.srt.managers import io_struct
+
+        if isinstance(msg, io_struct.BatchTokenizedGenerateReqInput):
+            for item in msg.batch:
+                self.add_request(item)
+        elif isinstance(msg, io_struct.TokenizedGenerateReqInput):
+            self.add_request(msg)
+        elif isinstance(msg, io_struct.AbortReq):
+            self.abort(msg)
+        else:
+            reply = self.control.handle(msg)
+            if reply is not None:
+                (self.sockets.send_rpc if from_rpc else self.sockets.send_tokenizer)(reply)
+
+    # -- requests ----------------------------------------------------------------------------
+    def add_request(self, msg) -> None:
+        try:
+            req = self.make_request(msg)
+        except BadRequest as err:
+            self.reject(msg, str(err))
+            return
+        except Exception as err:  # invalid sampling values and the like
+            self.reject(msg, f"invalid request: {err}")
+            return
+        if req.stop.max_new_tokens == 0:
+            # Prefix-only requests (n>1 fan-out, frontend prefill): nothing to generate.
+            req.finished_reason = finish_length(0)
+            self.send_outputs([req])
+            return
+        self.planner.add(req)
+
+    def make_request(self, msg) -> Request:
+        from faser_sgl.executor.sampler import SamplingOptions
+
+        sp = msg.sampling_params
+        if msg.input_embeds is not None or msg.mm_inputs is not None:
+            raise BadRequest("input_embeds and multimodal inputs are not supported by faser_sgl")
+        if msg.session_id is not None or msg.lora_id is not None:
+            raise BadRequest("sessions and LoRA adapters are not supported by faser_sgl")
+        if any(getattr(sp, k, None) for k in ("json_schema", "regex", "ebnf", "structural_tag")):
+            raise BadRequest("constrained decoding (json_schema/regex/ebnf) is not supported by faser_sgl")
+        prompt = [int(t) for t in (msg.input_ids or [])]
+        if not prompt:
+            raise BadRequest("the prompt is empty: send text or at least one input id")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise BadRequest(f"input id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if len(prompt) > self.max_req_input_len:
+            raise BadRequest(
+                f"the prompt has {len(prompt)} tokens; at most {self.max_req_input_len} fit "
+                f"(context length {self.context_len}, KV pool {self.pool_size} tokens)"
+            )
+        room = min(self.context_len, self.pool_size) - len(prompt)
+        max_new = sp.max_new_tokens
+        if max_new is None:
+            max_new = room
+        if max_new < 0:
+            raise BadRequest(f"max_new_tokens must be at least 0, got {max_new}")
+        if max_new > room:
+            raise BadRequest(
+                f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new}) exceeds the "
+                f"{min(self.context_len, self.pool_size)} tokens one request can hold"
+            )
+        stop_ids: set[int] = set()
+        if not sp.ignore_eos:
+            stop_ids = set(self.eos_token_ids) | set(sp.stop_token_ids or ())
+        stop_strs = tuple(getattr(sp, "stop_strs", None) or ())
+        stop = StopConditions(
+            max_new_tokens=max_new,
+            stop_token_ids=frozenset(stop_ids),
+            stop_strs=stop_strs,
+            stop_str_max_tokens=int(getattr(sp, "stop_str_max_len", 0) or 0),
+            min_new_tokens=int(sp.min_new_tokens or 0),
+        )
+        sampling = SamplingOptions.from_sglang(sp, self.vocab_size, sorted(stop_ids))
+        return Request(
+            rid=msg.rid,
+            http_worker_ipc=msg.http_worker_ipc,
+            prompt_ids=prompt,
+            stop=stop,
+            sampling=sampling,
+            stream=bool(msg.stream),
+            skip_special_tokens=sp.skip_special_tokens,
+            spaces_between_special_tokens=sp.spaces_between_special_tokens,
+            no_stop_trim=sp.no_stop_trim,
+        )
+
+    def reject(self, msg, message: str) -> None:
+        """Answer a request that never entered the queue with an HTTP 400 error."""
+        logger.info("rejecting request %s: %s", msg.rid, message)
+        req = Request(
+            rid=msg.rid,
+            http_worker_ipc=msg.http_worker_ipc,
+            prompt_ids=[int(t) for t in (msg.input_ids or [])],
+            stop=StopConditions(max_new_tokens=0, stop_token_ids=frozenset()),
+            sampling=None,
+            stream=bool(getattr(msg, "stream", False)),
+        )
+        req.finished_reason = finish_abort(message, HTTPStatus.BAD_REQUEST)
+        self.send_outputs([req])
+
+    def abort(self, msg) -> None:
+        """AbortReq: by rid prefix (SGLang's rule) or all; frees everything the requests hold."""
+        victims = [
+            r for r in [*self.planner.running, *self.planner.waiting]
+            if msg.abort_all or r.rid.startswith(msg.rid)
+        ]
+        for req in victims:
+            self.planner.release(req)
+            req.finished_reason = msg.finished_reason or finish_abort(
+                msg.abort_message or "Aborted by request"
+            )
+        if victims:
+            self.send_outputs(victims)
+
+    # -- one step ----------------------------------------------------------------------------
+    def step(self) -> None:
+        chunks = self.planner.plan()
+        if not chunks:
+            return
+        try:
+            new_tokens = self.generator.generate(chunks)
+        except Exception:
+            # A failed forward must not take the server down: fail the requests in it and free
+            # what they hold; the KV of the failed chunk is not trusted.
+            logger.error("forward pass failed:\n%s", traceback.format_exc())
+            failed = [c.req for c in chunks]
+            for req in failed:
+                self.planner.release(req)
+                req.finished_reason = finish_abort("internal error in the forward pass",
+                                                   HTTPStatus.INTERNAL_SERVER_ERROR)
+            self.send_outputs(failed)
+            return
+        self.stats["num_forward_steps"] += 1
+        to_send = []
+        for chunk in chunks:
+            req = chunk.req
+            tokens = new_tokens.get(req)
+            if tokens:
+                self.stats["num_generated_tokens"] += self.stop_checker.append(req, tokens)
+            if req.finished:
+                self.planner.release(req)
+                self.stats["num_finished_requests"] += 1
+            if should_send(req, self.stream_interval, self.options.non_stream_flush_interval):
+                to_send.append(req)
+        if to_send:
+            self.send_outputs(to_send)
+        self._update_throughput()
+
+    def send_outputs(self, reqs: list[Request]) -> None:
+        self.sockets.send_detokenizer(build_output(reqs, speculative=False))
+
+    def _update_throughput(self) -> None:
+        start, tokens_then = self._throughput_window
+        now = time.monotonic()
+        if now - start >= 5.0:
+            self.last_gen_throughput = (self.stats["num_generated_tokens"] - tokens_then) / (now - start)
+            self._throughput_window = (now, self.stats["num_generated_tokens"])
+
+    def internal_state(self) -> dict:
+        return {
+            "backend": "faser_sgl",
+            "speculative_policy": "none",
+            "avg_spec_accept_length": None,
+            "max_total_num_tokens": self.pool_size,
+            "kv_total_slots": self.pool_size,
+            "kv_free_slots": self.allocator.num_free,
+            "kv_used_slots": self.allocator.num_used,
+            "num_running_reqs": len(self.planner.running),
+            "num_waiting_reqs": len(self.planner.waiting),
+            "num_retractions": self.planner.num_retractions,
+            "effective_max_running_requests_per_dp": self.max_running_requests,
+            "last_gen_throughput": self.last_gen_throughput,
+            "context_length": self.context_len,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "attention_backend": self.options.attention_backend,
+            **self.stats,
+        }
+
+
+def run_scheduler_process(server_args, port_args, gpu_id, tp_rank, pp_rank, dp_rank, pipe_writer,
+                          *args, **kwargs):
+    """The process entry SGLang's launcher calls (its run_scheduler_process_func hook)."""
+    from faser_sgl.managers.ipc import SchedulerSockets
+
+    logging.basicConfig(level=getattr(logging, str(server_args.log_level or "info").upper(), logging.INFO),
+                        format="[%(asctime)s faser_sgl] %(message)s")
+    parent_pid = os.getppid()
+    scheduler = None
+    try:
+        t0 = time.perf_counter()
+        options = FaserOptions.from_env()
+        sockets = SchedulerSockets(port_args)
+        scheduler = Scheduler(server_args, port_args, options, sockets=sockets)
+        pipe_writer.send(scheduler.init_info({"scheduler_init": time.perf_counter() - t0}))
+        scheduler.run_forever(parent_pid)
+    except Exception:
+        msg = traceback.format_exc()
+        logger.error("scheduler failed:\n%s", msg)
+        if scheduler is None:
+            # Still in start-up: tell the launcher, which aborts with our message in the log.
+            try:
+                pipe_writer.send({"status": "error", "error": msg})
+            except Exception:
+                pass
+        else:
+            os.kill(parent_pid, signal.SIGQUIT)
+    finally:
+        gc.collect()

@@ -1,0 +1,65 @@
+"""faser_sgl's own server options, beside SGLang's ServerArgs.
+
+SGLang spawns the scheduler process with only (server_args, port_args, ...), so our options
+travel to it through one environment variable that the spawned process inherits.  Keeping them
+out of ServerArgs means SGLang's argument resolution never sees (or rejects) them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+ENV_VAR = "FASER_SGL_OPTIONS"
+
+
+@dataclass
+class FaserOptions:
+    # Attention implementation of our executor: "torch" (CPU reference) or "flashinfer" (CUDA).
+    attention_backend: str = "torch"
+    # Executor dtype; "auto" = bfloat16 on CUDA, float32 on CPU (float32 keeps greedy output
+    # identical to a float32 reference, which the tests check).
+    dtype: str = "auto"
+    # KV slots of the pool when --max-total-tokens is not given.
+    default_kv_slots: int = 32768
+    # Tokens a single forward pass may process (prefill chunks + decode tokens).
+    max_step_tokens: int = 2048
+    # Non-streaming requests still send their ids to the detokenizer every this many tokens,
+    # so that its incremental state stays small.
+    non_stream_flush_interval: int = 50
+    # Torch intra-op threads for the scheduler process (0 = torch default).
+    num_threads: int = 0
+
+    def to_env(self) -> None:
+        os.environ[ENV_VAR] = json.dumps(dataclasses.asdict(self))
+
+    @staticmethod
+    def from_env() -> "FaserOptions":
+        raw = os.environ.get(ENV_VAR)
+        return FaserOptions(**json.loads(raw)) if raw else FaserOptions()
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("faser_sgl")
+        group.add_argument("--faser-attention-backend", choices=["torch", "flashinfer"], default="torch",
+                           help="attention implementation of faser_sgl's executor")
+        group.add_argument("--faser-dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                           default="auto", help="executor dtype (auto: bf16 on CUDA, fp32 on CPU)")
+        group.add_argument("--faser-max-step-tokens", type=int, default=FaserOptions.max_step_tokens,
+                           help="token budget of one forward pass (prefill chunks + decodes)")
+        group.add_argument("--faser-num-threads", type=int, default=0,
+                           help="torch threads in the scheduler process (0: torch default)")
+
+    @staticmethod
+    def from_cli_args(args: argparse.Namespace) -> "FaserOptions":
+        if args.faser_max_step_tokens < 1:
+            raise SystemExit("--faser-max-step-tokens must be at least 1")
+        return FaserOptions(
+            attention_backend=args.faser_attention_backend,
+            dtype=args.faser_dtype,
+            max_step_tokens=args.faser_max_step_tokens,
+            num_threads=args.faser_num_threads,
+        )

@@ -1,0 +1,146 @@
+"""Bad input and faults: clear 4xx errors, correct behaviour, and a KV pool that is free after."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+CONTEXT = 96
+POOL = 160
+
+
+@pytest.fixture(scope="module")
+def small_server(tiny_model_path, tmp_path_factory):
+    from server_utils import start_server
+
+    server = start_server(tiny_model_path, tmp_path_factory.mktemp("small"), [
+        "--context-length", str(CONTEXT), "--max-total-tokens", str(POOL),
+        "--max-running-requests", "8"])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def kv_pool_free_after_each_test(small_server):
+    yield
+    state = small_server.wait_kv_free()
+    assert state["kv_free_slots"] == state["kv_total_slots"] == POOL
+
+
+def post(server, body, timeout=120):
+    return requests.post(f"{server.base_url}/generate", json=body, timeout=timeout)
+
+
+def test_prompt_longer_than_context(small_server):
+    r = post(small_server, {"input_ids": list(range(1, CONTEXT + 20)), "sampling_params": {"max_new_tokens": 4}})
+    assert 400 <= r.status_code < 500
+    assert "context" in r.text.lower() or "token" in r.text.lower()
+    # The server keeps serving.
+    assert post(small_server, {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}}).status_code == 200
+
+
+def test_max_new_tokens_past_context(small_server):
+    r = post(small_server, {"input_ids": list(range(1, 60)), "sampling_params": {"max_new_tokens": 80}})
+    assert 400 <= r.status_code < 500, r.text
+    assert "max_new_tokens" in r.text or "context" in r.text.lower()
+
+
+@pytest.mark.parametrize("params,word", [
+    ({"temperature": -1.0}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_k": 0}, "top_k"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"frequency_penalty": 5.0}, "frequency_penalty"),
+    ({"max_new_tokens": -3}, "max_new_tokens"),
+])
+def test_invalid_sampling_params(small_server, params, word):
+    r = post(small_server, {"input_ids": [1, 2, 3], "sampling_params": params})
+    assert 400 <= r.status_code < 500, r.text
+    assert word in r.text
+
+
+def test_empty_input(small_server):
+    for body in ({"text": "", "sampling_params": {"max_new_tokens": 2}},
+                 {"input_ids": [], "sampling_params": {"max_new_tokens": 2}}):
+        r = post(small_server, body)
+        assert 400 <= r.status_code < 500, (body, r.status_code, r.text)
+
+
+def test_token_id_outside_vocabulary(small_server):
+    r = post(small_server, {"input_ids": [1, 10**7], "sampling_params": {"max_new_tokens": 2}})
+    assert 400 <= r.status_code < 500, r.text
+
+
+def test_client_disconnect_mid_stream_frees_kv(small_server):
+    body = {"input_ids": [4, 5, 6], "stream": True,
+            "sampling_params": {"max_new_tokens": 80, "ignore_eos": True}}
+    with requests.post(f"{small_server.base_url}/generate", json=body, stream=True, timeout=60) as r:
+        assert r.status_code == 200
+        got = 0
+        for line in r.iter_lines():
+            if line.startswith(b"data:"):
+                got += 1
+                if got >= 2:
+                    break
+    # Leaving the with-block closed the connection mid-stream; the autouse fixture checks
+    # that the scheduler aborted the request and freed its slots.
+
+
+def test_abort_running_request(small_server):
+    rid = "abort-me-1"
+    result = {}
+
+    def run():
+        result["r"] = post(small_server, {"rid": rid, "input_ids": [7, 8, 9],
+                                          "sampling_params": {"max_new_tokens": 85, "ignore_eos": True}})
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and small_server.internal_state()["num_running_reqs"] == 0:
+        time.sleep(0.05)
+    requests.post(f"{small_server.base_url}/abort_request", json={"rid": rid}, timeout=30)
+    t.join(60)
+    r = result["r"]
+    meta = r.json()["meta_info"] if r.status_code == 200 else {}
+    if r.status_code == 200:
+        assert meta["finish_reason"]["type"] == "abort"
+        assert meta["completion_tokens"] < 85
+    else:
+        assert "abort" in r.text.lower()
+
+
+def test_more_requests_than_the_pool_holds(small_server):
+    """8 requests needing ~2.5x the pool at once: they queue/retract, never crash, and each gets
+    exactly what it gets when served alone."""
+    prompts = [[i + 1, i + 2, i + 3] + list(range(10, 30)) for i in range(8)]
+    params = {"max_new_tokens": 40, "temperature": 0, "ignore_eos": True}
+    solo = [post(small_server, {"input_ids": p, "sampling_params": params}).json()["output_ids"]
+            for p in prompts[:2]]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda p: post(small_server, {"input_ids": p, "sampling_params": params}), prompts))
+    assert all(r.status_code == 200 for r in results), [r.text for r in results if r.status_code != 200]
+    outs = [r.json()["output_ids"] for r in results]
+    assert all(len(o) == 40 for o in outs)
+    assert outs[:2] == solo
+
+
+def test_request_larger_than_pool_is_refused(tiny_model_path, tmp_path):
+    """With a pool smaller than the context, a request that could never fit is a 400, not a hang."""
+    from server_utils import start_server
+
+    server = start_server(tiny_model_path, tmp_path, ["--context-length", "256", "--max-total-tokens", "64"])
+    try:
+        r = post(server, {"input_ids": list(range(1, 50)), "sampling_params": {"max_new_tokens": 40}})
+        assert 400 <= r.status_code < 500, r.text
+        assert "64" in r.text
+        ok = post(server, {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 5}})
+        assert ok.status_code == 200
+        assert server.wait_kv_free()["kv_free_slots"] == 64
+    finally:
+        server.stop()

@@ -1,0 +1,187 @@
+"""End to end through a real server on 127.0.0.1: SGLang's front half + faser_sgl's scheduler."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from reference import hf_greedy, load_hf_model
+
+
+def generate(server, **body) -> dict:
+    r = requests.post(f"{server.base_url}/generate", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def sse_events(response) -> list[dict]:
+    events = []
+    for line in response.iter_lines(decode_unicode=True):
+        if line and line.startswith("data:"):
+            data = line[len("data:"):].strip()
+            if data == "[DONE]":
+                break
+            events.append(json.loads(data))
+    return events
+
+
+@pytest.fixture(autouse=True)
+def kv_pool_free_after_each_test(tiny_server):
+    yield
+    tiny_server.wait_kv_free()
+
+
+def test_generate_text_non_streaming(tiny_server):
+    out = generate(tiny_server, text="def foo(x):", sampling_params={
+        "max_new_tokens": 12, "temperature": 0, "ignore_eos": True})
+    meta = out["meta_info"]
+    assert meta["completion_tokens"] == 12
+    assert meta["prompt_tokens"] > 0
+    assert meta["finish_reason"] == {"type": "length", "length": 12}
+    assert len(out["output_ids"]) == 12
+    assert isinstance(out["text"], str) and out["text"]
+
+
+def test_streaming_matches_non_streaming(tiny_server):
+    params = {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}
+    whole = generate(tiny_server, text="hello world", sampling_params=params)
+    r = requests.post(f"{tiny_server.base_url}/generate", stream=True, timeout=120,
+                      json={"text": "hello world", "sampling_params": params, "stream": True})
+    assert r.status_code == 200
+    events = sse_events(r)
+    assert len(events) >= 2, "a 16-token stream must arrive in several chunks"
+    assert "".join(e["text"] for e in events) == whole["text"]
+    assert events[-1]["meta_info"]["finish_reason"]["type"] == "length"
+    assert events[-1]["meta_info"]["completion_tokens"] == 16
+
+
+def test_greedy_batch_matches_transformers(tiny_server, tiny_model_path):
+    """Mixed-length prompts served concurrently give HF's float32 greedy tokens exactly."""
+    hf = load_hf_model(tiny_model_path)
+    prompts = [[5, 17, 33], list(range(40, 90)), [7] * 11, list(range(100, 123)), [3, 9]]
+    lengths = [20, 8, 30, 15, 25]
+    expected = [hf_greedy(hf, p, n) for p, n in zip(prompts, lengths)]
+
+    def run(i):
+        return generate(tiny_server, input_ids=prompts[i], sampling_params={
+            "max_new_tokens": lengths[i], "temperature": 0, "ignore_eos": True})["output_ids"]
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        got = list(pool.map(run, range(len(prompts))))
+    assert got == expected
+
+
+def test_stop_string_and_stop_token(tiny_server):
+    base = generate(tiny_server, input_ids=[11, 12, 13], sampling_params={
+        "max_new_tokens": 20, "temperature": 0, "ignore_eos": True})
+    ids = base["output_ids"]
+    # Stop token: the 6th generated token ends the output (the detokenizer trims it from text).
+    out = generate(tiny_server, input_ids=[11, 12, 13], sampling_params={
+        "max_new_tokens": 20, "temperature": 0, "stop_token_ids": [ids[5]]})
+    first = ids.index(ids[5])
+    assert out["output_ids"] == ids[: first + 1]
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": ids[5]}
+    # Stop string: a piece of the greedy text ends the output before it.
+    text = base["text"]
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    if stop.strip():
+        out = generate(tiny_server, input_ids=[11, 12, 13], sampling_params={
+            "max_new_tokens": 20, "temperature": 0, "stop": [stop]})
+        assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+        assert stop not in out["text"]
+        assert text.startswith(out["text"])
+
+
+def test_seeded_sampling_is_reproducible(tiny_server):
+    params = {"max_new_tokens": 16, "temperature": 1.0, "top_p": 0.9, "sampling_seed": 1234,
+              "ignore_eos": True}
+    a = generate(tiny_server, input_ids=[1, 2, 3, 4], sampling_params=params)["output_ids"]
+    b = generate(tiny_server, input_ids=[1, 2, 3, 4], sampling_params=params)["output_ids"]
+    c = generate(tiny_server, input_ids=[1, 2, 3, 4], sampling_params={**params, "sampling_seed": 99})
+    assert a == b
+    assert a != c["output_ids"]
+
+
+def test_openai_completions(tiny_server):
+    r = requests.post(f"{tiny_server.base_url}/v1/completions", timeout=120, json={
+        "model": "tiny", "prompt": "def add(a, b):", "max_tokens": 10, "temperature": 0,
+        "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["usage"]["completion_tokens"] == 10
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert isinstance(body["choices"][0]["text"], str)
+
+
+def test_openai_chat_streaming(tiny_server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{tiny_server.base_url}/v1", api_key="none")
+    stream = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello there"}],
+        max_tokens=12, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    pieces, finish = [], None
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    whole = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello there"}],
+        max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert finish == "length"
+    assert whole.usage.completion_tokens == 12
+
+
+def test_info_flush_and_health_endpoints(tiny_server, tiny_model_path):
+    info = requests.get(f"{tiny_server.base_url}/get_model_info", timeout=30).json()
+    assert info["model_path"] == str(tiny_model_path)
+    assert info["is_generation"] is True
+    state = tiny_server.internal_state()
+    assert state["backend"] == "faser_sgl"
+    assert state["kv_total_slots"] == state["kv_free_slots"] + state["kv_used_slots"]
+    assert requests.post(f"{tiny_server.base_url}/flush_cache", timeout=30).status_code == 200
+    assert requests.get(f"{tiny_server.base_url}/health_generate", timeout=60).status_code == 200
+
+
+def test_sgl_frontend_program(tiny_server):
+    import sglang as sgl
+
+    @sgl.function
+    def multi_turn(s, question_1, question_2):
+        s += sgl.user(question_1)
+        s += sgl.assistant(sgl.gen("answer_1", max_tokens=8, temperature=0, ignore_eos=True))
+        s += sgl.user(question_2)
+        s += sgl.assistant(sgl.gen("answer_2", max_tokens=8, temperature=0, ignore_eos=True))
+
+    backend = sgl.RuntimeEndpoint(tiny_server.base_url)
+    state = multi_turn.run(question_1="what is x?", question_2="and y?", backend=backend)
+    msgs = state.messages()
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+    assert state["answer_1"] and state["answer_2"]
+    assert msgs[1]["content"] == state["answer_1"]
+    # The second turn saw the first: running it again gives the same greedy answers.
+    again = multi_turn.run(question_1="what is x?", question_2="and y?", backend=backend)
+    assert again["answer_2"] == state["answer_2"]
+
+
+def test_bench_serving_random_ids(tiny_server, tiny_model_path, tmp_path):
+    import subprocess
+    import sys
+
+    port = tiny_server.base_url.rsplit(":", 1)[1]
+    out_file = tmp_path / "bench.jsonl"
+    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang",
+           "--host", "127.0.0.1", "--port", port, "--dataset-name", "random-ids",
+           "--num-prompts", "6", "--random-input-len", "32", "--random-output-len", "8",
+           "--random-range-ratio", "1.0", "--tokenizer", str(tiny_model_path),
+           "--model", str(tiny_model_path), "--output-file", str(out_file),
+           "--disable-tqdm", "--request-rate", "inf"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out_file.read_text().strip().splitlines()[-1])
+    assert result["completed"] == 6
+    assert result["total_output_tokens"] > 0
