@@ -1,0 +1,36 @@
+"""The draft model: a second, smaller model that proposes tokens for the target to verify.
+
+It shares the target's KV slot numbering: the draft's own KV cache has as many slots as the
+target's pool, and the token at slot s in the target cache is the token at slot s in the draft
+cache.  One allocator then serves both, and freeing a rejected token's slot rolls back both
+caches at once.  The draft may lag the target by a token or two (after a fully accepted run its
+last draft token was never fed to it); ``Request.draft_cached`` records how far it got.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from faser_sgl.executor.forward_batch import ForwardBatch
+
+
+class DraftWorker:
+    def __init__(self, model_path: str, target_runner, dtype: torch.dtype, device: str,
+                 attention_backend: str):
+        from faser_sgl.executor.model_runner import ModelRunner
+
+        self.runner = ModelRunner(
+            model_path, dtype=dtype, device=device, attention_backend=attention_backend,
+            max_total_tokens=target_runner.allocator.num_total,
+        )
+        if self.runner.config.vocab_size != target_runner.config.vocab_size:
+            raise ValueError(
+                f"draft vocabulary ({self.runner.config.vocab_size}) differs from the target's "
+                f"({target_runner.config.vocab_size}); the two models must share a tokenizer"
+            )
+
+    def forward(self, feeds: list[list[int]], slots: list[list[int]]) -> torch.Tensor:
+        """Feed each request its tokens (KV written at the tail of its slots); logits of the
+        last fed token of each request, [B, V]."""
+        batch = ForwardBatch.build(feeds, slots, [[len(f) - 1] for f in feeds])
+        return self.runner.forward(batch)

@@ -1,0 +1,60 @@
+"""Speculation policies: how many draft tokens each request gets this step.
+
+A policy sees the decoding requests of the step and returns one length per request, so it can
+choose differently per request (FASER's adaptive drafter) or the same for all (the fixed-K
+baseline of SGLang/vLLM).  Lengths are upper bounds; the generator trims them to what the
+request may still emit and to the free KV slots.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from faser_sgl.managers.request import Request
+
+
+class SpeculationPolicy(Protocol):
+    name: str
+
+    def choose_lengths(self, reqs: list[Request]) -> list[int]:
+        """Draft length per request for this step (0 = plain decode for that request)."""
+
+    def observe(self, req: Request, num_drafted: int, num_accepted: int) -> None:
+        """Feedback after verification, for policies that adapt."""
+
+
+class NoSpeculation:
+    name = "none"
+
+    def choose_lengths(self, reqs: list[Request]) -> list[int]:
+        return [0] * len(reqs)
+
+    def observe(self, req: Request, num_drafted: int, num_accepted: int) -> None:
+        pass
+
+
+class FixedLength:
+    """The baseline: every request drafts K tokens every step, then verifies."""
+
+    name = "fixed"
+
+    def __init__(self, num_draft_tokens: int):
+        if num_draft_tokens < 1:
+            raise ValueError(f"--speculative-num-draft-tokens must be at least 1, got {num_draft_tokens}")
+        self.k = num_draft_tokens
+
+    def choose_lengths(self, reqs: list[Request]) -> list[int]:
+        return [self.k] * len(reqs)
+
+    def observe(self, req: Request, num_drafted: int, num_accepted: int) -> None:
+        pass
+
+
+def make_policy(name: str, num_draft_tokens: int | None) -> SpeculationPolicy:
+    if name == "none":
+        return NoSpeculation()
+    if name == "fixed":
+        return FixedLength(num_draft_tokens if num_draft_tokens is not None else 4)
+    if name == "faser":
+        raise ValueError("--speculative-policy faser is not implemented yet (use none or fixed)")
+    raise ValueError(f"unknown --speculative-policy {name!r}; choose none, fixed or faser")

@@ -1,0 +1,172 @@
+"""Draft-then-verify speculative decoding over a ragged batch (per-request draft lengths).
+
+One step, for the requests that decode this step:
+  1. the policy picks k_i per request (trimmed to what the request may still emit and to free
+     KV slots); each request gets k_i extra slots beside the one for its newest token;
+  2. the draft model runs max(k_i) autoregressive passes; request i takes part in the first k_i
+     (its first pass also feeds any committed tokens the draft has not seen yet);
+  3. the target verifies [newest token, d_1..d_k_i] for all requests in ONE ragged forward pass;
+  4. accept/reject (greedy: longest matching prefix; sampling: rejection sampling) emits
+     a_i accepted drafts plus one token from the target;
+  5. the slots of rejected drafts go back to the pool (both caches share them).
+Prefill chunks ride along in the same target pass and are fed to the draft model too, so both
+caches always cover the same committed tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from faser_sgl import kernels
+from faser_sgl.executor.forward_batch import ForwardBatch
+from faser_sgl.managers.batch_planner import ScheduledChunk
+from faser_sgl.managers.request import Request
+
+
+class SpeculativeGenerator:
+    def __init__(self, target_runner, draft_worker, sampler, policy, allocator):
+        self.target = target_runner
+        self.draft = draft_worker
+        self.sampler = sampler
+        self.policy = policy
+        self.allocator = allocator
+        self.num_verify_steps = 0
+        self.num_drafted = 0
+        self.num_accepted = 0
+
+    # -- draft length ------------------------------------------------------------------------
+    def _draft_lengths(self, decodes: list[Request]) -> list[int]:
+        wanted = self.policy.choose_lengths(decodes)
+        lengths = []
+        for req, k in zip(decodes, wanted):
+            # One token always comes from the target, so at most remaining-1 drafts are useful.
+            remaining = req.stop.max_new_tokens - len(req.output_ids)
+            k = max(0, min(k, remaining - 1))
+            if k > 0:
+                slots = self.allocator.alloc(k)
+                if slots is None:
+                    k = 0
+                else:
+                    req.kv_slots.extend(slots)
+            lengths.append(k)
+        return lengths
+
+    # -- one step ----------------------------------------------------------------------------
+    def generate(self, chunks: list[ScheduledChunk]) -> dict[Request, list[int]]:
+        if not chunks:
+            return {}
+        decodes = [c.req for c in chunks if c.needs_logits and len(c.tokens) == 1]
+        lengths = self._draft_lengths(decodes)
+        k_of = {id(r): k for r, k in zip(decodes, lengths)}
+        drafts, draft_probs = self._run_draft(chunks, decodes, lengths)
+
+        # Target pass: prefill chunks as planned; decodes feed newest token + drafts.
+        feeds, slot_lists, rows = [], [], []
+        for c in chunks:
+            k = k_of.get(id(c.req), 0)
+            tokens = c.tokens + drafts.get(id(c.req), [])
+            feeds.append(tokens)
+            slot_lists.append(c.req.kv_slots)
+            if c.needs_logits:
+                rows.append(list(range(len(tokens) - 1 - k, len(tokens))))
+            else:
+                rows.append([])
+        logits = self.target.forward(ForwardBatch.build(feeds, slot_lists, rows))
+
+        out: dict[Request, list[int]] = {}
+        offset = 0
+        sampled = [c for c in chunks if c.needs_logits]
+        for c in sampled:
+            req = c.req
+            k = k_of.get(id(req), 0)
+            req_logits = logits[offset: offset + k + 1]
+            offset += k + 1
+            emitted = self._accept(req, drafts.get(id(req), []), req_logits, draft_probs.get(id(req)))
+            accepted = len(emitted) - 1
+            if k > 0:
+                # Roll back: the rejected drafts' slots (both caches) return to the pool.
+                rejected = k - accepted
+                if rejected:
+                    self.allocator.free(req.kv_slots[-rejected:])
+                    del req.kv_slots[-rejected:]
+                req.draft_cached = min(req.draft_cached, len(req.kv_slots))
+                req.spec_verify_ct += 1
+                req.spec_accepted_drafts += accepted
+                req.spec_drafted_tokens += k
+                self.num_verify_steps += 1
+                self.num_drafted += k
+                self.num_accepted += accepted
+                self.policy.observe(req, k, accepted)
+            out[req] = emitted
+        # Prefill-only chunks: the draft saw them in _run_draft, nothing to emit.
+        return out
+
+    def _run_draft(self, chunks, decodes, lengths):
+        """Autoregressive draft passes; returns per-request draft tokens and their q rows."""
+        drafts: dict[int, list[int]] = {id(r): [] for r in decodes}
+        probs: dict[int, list[torch.Tensor]] = {id(r): [] for r in decodes}
+        k_of = {id(r): k for r, k in zip(decodes, lengths)}
+        # Pass 0 also catches the draft cache up: every chunk's request feeds whatever committed
+        # tokens the draft has not seen (prefill chunks included), so both caches stay in step.
+        feeds, slot_lists, active = [], [], []
+        for c in chunks:
+            req = c.req
+            committed = len(req.kv_slots) - k_of.get(id(req), 0)
+            if req.draft_cached >= committed:
+                continue
+            feeds.append(req.all_ids[req.draft_cached:committed])
+            slot_lists.append(req.kv_slots[:committed])
+            active.append(req)
+        if not feeds:
+            return drafts, probs
+        logits = self.draft.forward(feeds, slot_lists)
+        for req in active:
+            req.draft_cached = len(req.kv_slots) - k_of.get(id(req), 0)
+        step_reqs = [r for r in active if k_of.get(id(r), 0) > 0]
+        step_logits = logits[[active.index(r) for r in step_reqs]] if step_reqs else None
+        for s in range(max(lengths, default=0)):
+            if not step_reqs:
+                break
+            tokens = self._draft_sample(step_reqs, step_logits, drafts, probs)
+            nxt = [(r, t) for r, t in zip(step_reqs, tokens) if len(drafts[id(r)]) < k_of[id(r)]]
+            if not nxt:
+                break
+            feeds = [[t] for _, t in nxt]
+            slot_lists = []
+            for r, _ in nxt:
+                slot_lists.append(r.kv_slots[: r.draft_cached + 1])
+                r.draft_cached += 1
+            step_reqs = [r for r, _ in nxt]
+            step_logits = self.draft.forward(feeds, slot_lists)
+        return drafts, probs
+
+    def _draft_sample(self, reqs, logits, drafts, probs) -> list[int]:
+        histories = [r.output_ids + drafts[id(r)] for r in reqs]
+        q = self.sampler.probs(logits, [r.sampling for r in reqs], histories, [r.prompt_ids for r in reqs])
+        tokens = []
+        for i, r in enumerate(reqs):
+            if r.sampling.is_greedy:
+                t = int(torch.argmax(q[i]))
+            else:
+                t = int(torch.multinomial(q[i], 1, generator=r.sampling.generator))
+            drafts[id(r)].append(t)
+            probs[id(r)].append(q[i])
+            tokens.append(t)
+        return tokens
+
+    def _accept(self, req: Request, draft: list[int], logits: torch.Tensor, q_rows) -> list[int]:
+        k = len(draft)
+        histories = [req.output_ids + draft[:j] for j in range(k + 1)]
+        opts = [req.sampling] * (k + 1)
+        prompts = [req.prompt_ids] * (k + 1)
+        indptr = torch.tensor([0, k], dtype=torch.int64)
+        draft_t = torch.tensor(draft, dtype=torch.int64)
+        if req.sampling.is_greedy:
+            target_tokens = self.sampler.greedy_tokens(logits, opts, histories, prompts)
+            _, emitted, n = kernels.greedy_accept(draft_t, indptr, target_tokens)
+        else:
+            p = self.sampler.probs(logits, opts, histories, prompts)
+            q = torch.stack(q_rows) if k else p.new_zeros((0, p.shape[1]))
+            acc_u, samp_u = kernels.make_uniforms(indptr, [req.sampling.generator], p.device)
+            _, emitted, n = kernels.rejection_sample(draft_t, indptr, q, p, acc_u, samp_u)
+        return emitted[0, : int(n[0])].tolist()
