@@ -32,6 +32,11 @@ class FaserOptions:
     non_stream_flush_interval: int = 50
     # Torch intra-op threads for the scheduler process (0 = torch default).
     num_threads: int = 0
+    # Speculative decoding: none (target only), fixed (K drafts per request per step, the
+    # SGLang/vLLM-style baseline) or faser.
+    speculative_policy: str = "none"
+    speculative_draft_model_path: str | None = None
+    speculative_num_draft_tokens: int = 4
 
     def to_env(self) -> None:
         os.environ[ENV_VAR] = json.dumps(dataclasses.asdict(self))
@@ -52,14 +57,37 @@ class FaserOptions:
                            help="token budget of one forward pass (prefill chunks + decodes)")
         group.add_argument("--faser-num-threads", type=int, default=0,
                            help="torch threads in the scheduler process (0: torch default)")
+        group.add_argument("--speculative-policy", choices=["none", "fixed", "faser"], default="none",
+                           help="none: target only; fixed: K draft tokens per request per step; "
+                                "faser: adaptive per-request lengths (later)")
+        group.add_argument("--speculative-draft-model-path", default=None,
+                           help="draft model directory (default: the embedded Qwen2.5-Coder-0.5B draft)")
+        group.add_argument("--speculative-num-draft-tokens", type=int, default=4,
+                           help="K of the fixed policy; a request may override it with "
+                                "sampling_params.custom_params.num_draft_tokens")
 
     @staticmethod
     def from_cli_args(args: argparse.Namespace) -> "FaserOptions":
         if args.faser_max_step_tokens < 1:
             raise SystemExit("--faser-max-step-tokens must be at least 1")
+        if args.speculative_num_draft_tokens < 1:
+            raise SystemExit("--speculative-num-draft-tokens must be at least 1")
+        if args.speculative_policy == "faser":
+            raise SystemExit("--speculative-policy faser is not implemented yet; use none or fixed")
+        draft = args.speculative_draft_model_path
+        if args.speculative_policy != "none" and draft is None:
+            from faser_sgl import default_models
+
+            if not default_models.is_ready(default_models.DRAFT):
+                raise SystemExit("the embedded draft model is not installed: run "
+                                 "`python -m faser_sgl.default_models` or pass --speculative-draft-model-path")
+            draft = default_models.default_draft_path()
         return FaserOptions(
             attention_backend=args.faser_attention_backend,
             dtype=args.faser_dtype,
             max_step_tokens=args.faser_max_step_tokens,
             num_threads=args.faser_num_threads,
+            speculative_policy=args.speculative_policy,
+            speculative_draft_model_path=draft,
+            speculative_num_draft_tokens=args.speculative_num_draft_tokens,
         )

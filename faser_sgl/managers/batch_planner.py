@@ -114,6 +114,7 @@ class BatchPlanner:
     def retract(self, req: Request) -> None:
         self.allocator.free(req.kv_slots)
         req.kv_slots = []
+        req.draft_cached = 0
         req.retraction_count += 1
         self.num_retractions += 1
         self.running.remove(req)

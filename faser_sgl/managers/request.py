@@ -60,6 +60,10 @@ class Request:
     started_output: bool = False  # the first message (with the prompt tail) went out
     finish_sent: bool = False
     retraction_count: int = 0
+    # Tokens whose KV the draft model holds (same slots as the target's; it may lag by a few).
+    draft_cached: int = 0
+    # Per-request draft length asked for in sampling_params.custom_params (fixed policy).
+    requested_draft_len: Optional[int] = None
     # Speculative decoding counters, per request (SGLang's names where they exist).
     spec_verify_ct: int = 0
     spec_accepted_drafts: int = 0

@@ -25,6 +25,7 @@ from faser_sgl.managers.request import Request, StopConditions, finish_abort, fi
 from faser_sgl.managers.stop_checker import StopChecker
 from faser_sgl.managers.token_generator import TargetOnlyGenerator
 from faser_sgl.options import FaserOptions
+from faser_sgl.speculative.policy import make_policy
 
 logger = logging.getLogger("faser_sgl.scheduler")
 
@@ -88,7 +89,17 @@ class Scheduler:
             max_step_tokens=server_args.chunked_prefill_size or options.max_step_tokens,
         )
         self.sampler = Sampler()
-        self.generator = TargetOnlyGenerator(self.runner, self.sampler)
+        self.policy = make_policy(options.speculative_policy, options.speculative_num_draft_tokens)
+        self.speculative = options.speculative_policy != "none"
+        if self.speculative:
+            from faser_sgl.speculative.draft_worker import DraftWorker
+            from faser_sgl.speculative.spec_generator import SpeculativeGenerator
+
+            draft = DraftWorker(options.speculative_draft_model_path, self.runner, self.dtype,
+                                self.device, options.attention_backend)
+            self.generator = SpeculativeGenerator(self.runner, draft, self.sampler, self.policy, self.allocator)
+        else:
+            self.generator = TargetOnlyGenerator(self.runner, self.sampler)
         self.stop_checker = StopChecker(self.tokenizer)
         self.stream_interval = max(1, server_args.stream_interval or 1)
         self.sockets = sockets
@@ -200,6 +211,10 @@ class Scheduler:
             min_new_tokens=int(sp.min_new_tokens or 0),
         )
         sampling = SamplingOptions.from_sglang(sp, self.vocab_size, sorted(stop_ids))
+        custom = getattr(sp, "custom_params", None) or {}
+        draft_len = custom.get("num_draft_tokens") if isinstance(custom, dict) else None
+        if draft_len is not None and (not isinstance(draft_len, int) or not 0 <= draft_len <= 64):
+            raise BadRequest(f"custom_params.num_draft_tokens must be an integer in [0, 64], got {draft_len!r}")
         return Request(
             rid=msg.rid,
             http_worker_ipc=msg.http_worker_ipc,
@@ -210,6 +225,7 @@ class Scheduler:
             skip_special_tokens=sp.skip_special_tokens,
             spaces_between_special_tokens=sp.spaces_between_special_tokens,
             no_stop_trim=sp.no_stop_trim,
+            requested_draft_len=draft_len,
         )
 
     def reject(self, msg, message: str) -> None:
@@ -242,7 +258,8 @@ class Scheduler:
 
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> None:
-        chunks = self.planner.plan()
+        chunks = self.planner.plan(extra_slots_per_decode=self.options.speculative_num_draft_tokens
+                                   if self.speculative else 0)
         if not chunks:
             return
         try:
@@ -275,7 +292,7 @@ class Scheduler:
         self._update_throughput()
 
     def send_outputs(self, reqs: list[Request]) -> None:
-        self.sockets.send_detokenizer(build_output(reqs, speculative=False))
+        self.sockets.send_detokenizer(build_output(reqs, speculative=self.speculative))
 
     def _update_throughput(self) -> None:
         start, tokens_then = self._throughput_window
@@ -284,11 +301,23 @@ class Scheduler:
             self.last_gen_throughput = (self.stats["num_generated_tokens"] - tokens_then) / (now - start)
             self._throughput_window = (now, self.stats["num_generated_tokens"])
 
+    def _spec_stats(self) -> dict:
+        gen = self.generator
+        steps = getattr(gen, "num_verify_steps", 0)
+        return {
+            # Tokens emitted per verification pass (accepted drafts + the target's own token),
+            # the figure sglang.bench_serving reports as the acceptance length.
+            "avg_spec_accept_length": (gen.num_accepted + steps) / steps if steps else None,
+            "spec_verify_steps": steps,
+            "spec_drafted_tokens": getattr(gen, "num_drafted", 0),
+            "spec_accepted_tokens": getattr(gen, "num_accepted", 0),
+        }
+
     def internal_state(self) -> dict:
         return {
             "backend": "faser_sgl",
-            "speculative_policy": "none",
-            "avg_spec_accept_length": None,
+            "speculative_policy": self.policy.name,
+            **self._spec_stats(),
             "max_total_num_tokens": self.pool_size,
             "kv_total_slots": self.pool_size,
             "kv_free_slots": self.allocator.num_free,

@@ -44,7 +44,9 @@ class FixedLength:
         self.k = num_draft_tokens
 
     def choose_lengths(self, reqs: list[Request]) -> list[int]:
-        return [self.k] * len(reqs)
+        # A request may pin its own K (sampling_params.custom_params.num_draft_tokens): that is
+        # how a single batch mixes lengths for the ragged-verification tests.
+        return [r.requested_draft_len if r.requested_draft_len is not None else self.k for r in reqs]
 
     def observe(self, req: Request, num_drafted: int, num_accepted: int) -> None:
         pass
