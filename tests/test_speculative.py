@@ -157,14 +157,8 @@ def test_randomized_accepts_rejects_aborts_stops_free_every_slot(pair):
             spec.planner.add(r)
         steps = 0
         while spec.planner.has_work():
-            chunks = spec.planner.plan(extra_slots_per_decode=6)
-            new = spec.generator.generate(chunks)
+            spec.step()
             steps += 1
-            for c in chunks:
-                if c.req in new:
-                    spec.stop_checker.append(c.req, new[c.req])
-                if c.req.finished:
-                    spec.planner.release(c.req)
             if steps == 3:
                 for i in to_abort:
                     spec.planner.release(reqs[i])

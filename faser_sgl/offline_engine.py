@@ -1,0 +1,80 @@
+"""An in-process engine: the scheduler's planner and generators without HTTP or ZMQ.
+
+Used by benchmarks (scripts/) and statistical tests that need thousands of requests quickly.
+It runs exactly the code the server's scheduler runs for batching, speculation and stop checks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from faser_sgl.executor.model_runner import ModelRunner
+from faser_sgl.executor.sampler import Sampler, SamplingOptions
+from faser_sgl.managers.batch_planner import BatchPlanner
+from faser_sgl.managers.request import Request, StopConditions
+from faser_sgl.managers.stop_checker import StopChecker
+from faser_sgl.managers.token_generator import TargetOnlyGenerator
+from faser_sgl.speculative.policy import make_policy
+
+
+class SamplingParamsLike:
+    """Attribute bag shaped like sglang's SamplingParams, for SamplingOptions.from_sglang."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class OfflineEngine:
+    def __init__(self, target_path: str, draft_path: str | None = None, policy: str = "fixed",
+                 num_draft_tokens: int = 4, dtype: torch.dtype = torch.float32, kv_slots: int = 8192,
+                 max_running: int = 256, max_step_tokens: int = 4096, eos_token_ids=()):
+        self.runner = ModelRunner(target_path, dtype=dtype, max_total_tokens=kv_slots)
+        self.sampler = Sampler()
+        self.planner = BatchPlanner(self.runner.allocator, max_running, max_step_tokens)
+        self.speculative = draft_path is not None and policy != "none"
+        self.policy = make_policy(policy if self.speculative else "none", num_draft_tokens)
+        self.num_draft_tokens = num_draft_tokens
+        if self.speculative:
+            from faser_sgl.speculative.draft_worker import DraftWorker
+            from faser_sgl.speculative.spec_generator import SpeculativeGenerator
+
+            draft = DraftWorker(draft_path, self.runner, dtype, "cpu", "torch")
+            self.generator = SpeculativeGenerator(self.runner, draft, self.sampler, self.policy,
+                                                  self.runner.allocator)
+        else:
+            self.generator = TargetOnlyGenerator(self.runner, self.sampler)
+        self.stop_checker = StopChecker(None)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self._counter = 0
+
+    def make_request(self, prompt: list[int], max_new_tokens: int, draft_len: int | None = None,
+                     stop_token_ids=None, **sampling) -> Request:
+        self._counter += 1
+        stops = self.eos_token_ids if stop_token_ids is None else frozenset(stop_token_ids)
+        opts = SamplingOptions.from_sglang(SamplingParamsLike(**sampling), self.runner.vocab_size, sorted(stops))
+        return Request(rid=f"offline-{self._counter}", http_worker_ipc=None, prompt_ids=list(prompt),
+                       stop=StopConditions(max_new_tokens=max_new_tokens, stop_token_ids=stops),
+                       sampling=opts, stream=False, requested_draft_len=draft_len)
+
+    def step(self) -> list[Request]:
+        """One scheduler step; returns the requests that finished in it."""
+        extra = self.num_draft_tokens if self.speculative else 0
+        chunks = self.planner.plan(extra_slots_per_decode=extra)
+        if not chunks:
+            raise RuntimeError("the planner made no progress")
+        new = self.generator.generate(chunks)
+        done = []
+        for c in chunks:
+            if c.req in new:
+                self.stop_checker.append(c.req, new[c.req])
+            if c.req.finished:
+                self.planner.release(c.req)
+                done.append(c.req)
+        return done
+
+    def run(self, reqs: list[Request]) -> list[list[int]]:
+        for r in reqs:
+            self.planner.add(r)
+        while self.planner.has_work():
+            self.step()
+        return [r.output_ids for r in reqs]

@@ -1,0 +1,102 @@
+"""Benchmark: no speculation vs the fixed-K draft-then-verify baseline, in-process.
+
+    python scripts/bench_speculative.py [--dtype bfloat16] [--new-tokens 64] [--ks 2 4 6]
+
+Runs the scheduler's own planner/generator code (faser_sgl.offline_engine) on the embedded
+Qwen2.5-Coder pair, greedy, at concurrency 1 and 8, and prints tokens/s, the ratio to no
+speculation, the mean acceptance length (tokens emitted per verification pass) and how many
+outputs are token-identical to no speculation.  One model load serves every configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from faser_sgl import default_models
+from faser_sgl.managers.token_generator import TargetOnlyGenerator
+from faser_sgl.offline_engine import OfflineEngine
+from faser_sgl.speculative.policy import FixedLength
+from faser_sgl.speculative.spec_generator import SpeculativeGenerator
+
+PROMPTS = [
+    "Write a Python function that returns the n-th Fibonacci number iteratively.",
+    "Explain what a mutex is in two sentences.",
+    "def merge_sort(xs):",
+    "Write a SQL query that counts orders per customer.",
+    "What does the `yield` keyword do in Python?",
+    "Write a bash one-liner that counts lines in all .py files.",
+    "Implement binary search in JavaScript.",
+    "Summarize the idea of speculative decoding for LLM inference.",
+]
+
+
+def run_config(engine: OfflineEngine, prompts: list[list[int]], new_tokens: int, concurrency: int):
+    reqs = [engine.make_request(p, new_tokens, temperature=0) for p in prompts]
+    pending = list(reqs)
+    start = time.perf_counter()
+    while pending or engine.planner.has_work():
+        while pending and len(engine.planner.running) + len(engine.planner.waiting) < concurrency:
+            engine.planner.add(pending.pop(0))
+        engine.step()
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(r.output_ids) for r in reqs)
+    return [r.output_ids for r in reqs], tokens / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--ks", type=int, nargs="+", default=[2, 4, 6])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--num-prompts", type=int, default=8)
+    args = ap.parse_args()
+
+    from transformers import AutoTokenizer
+
+    target, draft = default_models.ensure(default_models.TARGET), default_models.ensure(default_models.DRAFT)
+    tok = AutoTokenizer.from_pretrained(str(target))
+    prompts = [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"])
+               for p in PROMPTS[: args.num_prompts]]
+    dtype = getattr(torch, args.dtype)
+    engine = OfflineEngine(str(target), str(draft), policy="fixed", num_draft_tokens=max(args.ks),
+                           dtype=dtype, kv_slots=16384, eos_token_ids=[tok.eos_token_id])
+    spec_gen: SpeculativeGenerator = engine.generator
+    plain_gen = TargetOnlyGenerator(engine.runner, engine.sampler)
+
+    def use(k: int | None):
+        engine.speculative = k is not None
+        engine.generator = spec_gen if k is not None else plain_gen
+        if k is not None:
+            engine.num_draft_tokens = k
+            spec_gen.policy = FixedLength(k)
+            spec_gen.num_verify_steps = spec_gen.num_drafted = spec_gen.num_accepted = 0
+
+    use(None)
+    run_config(engine, prompts[:2], 8, 2)  # warm-up
+    print(f"# faser_sgl speculative benchmark: {platform.node()}, {torch.get_num_threads()} threads, "
+          f"{args.dtype}, greedy, {len(prompts)} prompts x {args.new_tokens} new tokens "
+          f"(eos may stop earlier)\n")
+    print("| concurrency | policy | tokens/s | vs none | mean accept length | identical to none |")
+    print("|---|---|---|---|---|---|")
+    for conc in args.concurrency:
+        use(None)
+        base_out, base_tps = run_config(engine, prompts, args.new_tokens, conc)
+        print(f"| {conc} | none | {base_tps:.2f} | 1.00x | - | - |", flush=True)
+        for k in args.ks:
+            use(k)
+            out, tps = run_config(engine, prompts, args.new_tokens, conc)
+            steps = spec_gen.num_verify_steps
+            accept = (spec_gen.num_accepted + steps) / steps if steps else float("nan")
+            same = sum(a == b for a, b in zip(out, base_out))
+            print(f"| {conc} | fixed K={k} | {tps:.2f} | {tps / base_tps:.2f}x | {accept:.2f} | "
+                  f"{same}/{len(out)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
