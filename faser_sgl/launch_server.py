@@ -86,9 +86,11 @@ def main(argv: list[str] | None = None) -> None:
     from sglang.srt.utils import kill_process_tree
 
     from faser_sgl.managers.scheduler import run_scheduler_process
+    from faser_sgl.managers.tokenizer_hooks import init_faser_tokenizer_manager
 
     try:
-        launch_server(server_args, run_scheduler_process_func=run_scheduler_process)
+        launch_server(server_args, init_tokenizer_manager_func=init_faser_tokenizer_manager,
+                      run_scheduler_process_func=run_scheduler_process)
     finally:
         kill_process_tree(os.getpid(), include_parent=False)
 

@@ -41,7 +41,14 @@ def test_ragged_speculation_is_lossless_and_frees_kv(spec_server):
         responses = list(pool.map(run, range(len(prompts))))
     for i, r in enumerate(responses):
         if i % 2 == 0:
-            assert r.json()["output_ids"] == expected[i], i
+            body = r.json()
+            assert body["output_ids"] == expected[i], i
+            meta = body["meta_info"]
+            # Per-request speculation metrics, with SGLang's names.
+            assert meta["spec_verify_ct"] > 0
+            assert meta["spec_num_proposed_drafts"] > 0
+            assert 0.0 <= meta["spec_accept_rate"] <= 1.0
+            assert meta["spec_accept_length"] == pytest.approx(20 / meta["spec_verify_ct"])
     state = server.wait_kv_free()
     assert state["kv_used_slots"] == 0
     assert state["speculative_policy"] == "fixed"

@@ -83,6 +83,14 @@ def build_output(reqs: list[Request], speculative: bool):
         retraction_counts=[r.retraction_count for r in reqs],
     )
     if speculative:
+        from sglang.srt.managers.io_struct import wrap_as_pickle
+
         out.spec_verify_ct = [r.spec_verify_ct for r in reqs]
         out.spec_num_correct_drafts = [r.spec_accepted_drafts for r in reqs]
+        # Per-request counters for meta_info (see managers/tokenizer_hooks.py).
+        out.customized_info = wrap_as_pickle({
+            "spec_verify_ct": [r.spec_verify_ct for r in reqs],
+            "spec_num_correct_drafts": [r.spec_accepted_drafts for r in reqs],
+            "spec_num_proposed_drafts": [r.spec_drafted_tokens for r in reqs],
+        })
     return out
