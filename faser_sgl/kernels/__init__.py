@@ -1,0 +1,36 @@
+"""Speculative-decoding kernels.
+
+``greedy_accept`` / ``rejection_sample`` dispatch to Triton for CUDA tensors when Triton is
+available and to the torch reference otherwise; both give bit-identical results (see
+accept_reject.py for why), so callers never need to care which one ran.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from faser_sgl.kernels import accept_reject as _reference
+from faser_sgl.kernels import accept_reject_triton as _triton
+from faser_sgl.kernels.accept_reject import make_uniforms
+
+__all__ = ["greedy_accept", "rejection_sample", "make_uniforms"]
+
+
+def _use_triton(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and _triton.available()
+
+
+def greedy_accept(draft_tokens: torch.Tensor, draft_indptr: torch.Tensor, target_argmax: torch.Tensor,
+                  max_draft_len: int | None = None):
+    """-> (num_accepted [B], emitted [B, max_k+1] padded with -1, num_emitted [B]); all int64."""
+    impl = _triton if _use_triton(target_argmax) else _reference
+    return impl.greedy_accept(draft_tokens, draft_indptr, target_argmax, max_draft_len)
+
+
+def rejection_sample(draft_tokens: torch.Tensor, draft_indptr: torch.Tensor, draft_probs: torch.Tensor,
+                     target_probs: torch.Tensor, accept_uniforms: torch.Tensor, sample_uniforms: torch.Tensor,
+                     max_draft_len: int | None = None):
+    """-> (num_accepted [B], emitted [B, max_k+1] padded with -1, num_emitted [B]); all int64."""
+    impl = _triton if _use_triton(target_probs) else _reference
+    return impl.rejection_sample(draft_tokens, draft_indptr, draft_probs, target_probs,
+                                 accept_uniforms, sample_uniforms, max_draft_len)

@@ -79,8 +79,8 @@ def greedy_accept(draft_tokens: torch.Tensor, draft_indptr: torch.Tensor, target
     target_start = draft_indptr[:-1] + torch.arange(batch, device=draft_indptr.device)
     req, pos = _ragged_positions(draft_indptr, draft_tokens.numel())
 
-    match = draft_tokens.to(torch.int64) == target_argmax[torch.arange(draft_tokens.numel(),
-                                                                       device=req.device) + req].to(torch.int64)
+    judge_rows = torch.arange(draft_tokens.numel(), device=req.device) + req  # target row judging each draft
+    match = draft_tokens.to(torch.int64) == target_argmax[judge_rows].to(torch.int64)
     num_accepted = _first_failure(match, req, pos, lengths)
     final = target_argmax[target_start + num_accepted].to(torch.int64)
     return _assemble(draft_tokens, req, pos, num_accepted, final, batch, max_k)
@@ -94,8 +94,9 @@ def to_fixed_point(weights: torch.Tensor) -> torch.Tensor:
 def inverse_cdf(int_weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Row-wise: first index whose exact prefix sum exceeds floor(u * total).
 
-    int_weights [R, V] int64 >= 0, uniforms [R] float64 in [0, 1).  The threshold is clamped to
-    [0, total-1] (u * total can round up to total in float64); an all-zero row returns V-1.
+    int_weights [R, V] int64 >= 0, uniforms [R] float64 in [0, 1).  For u < 1 and total < 2**53,
+    floor(u * total) <= total - 1 already (the float64 product never rounds up to total); the
+    clamp to [0, total-1] only guards invalid u outside [0, 1).  An all-zero row returns V-1.
     """
     cdf = torch.cumsum(int_weights, dim=-1)
     total = cdf[:, -1]
