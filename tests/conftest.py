@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models built once per session, and a real server on 127.0.0.1."""
+"""Shared fixtures: tiny models built once (cached, see tiny_model.py), and a real server on
+127.0.0.1."""
 
 from __future__ import annotations
 
@@ -11,26 +12,19 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tiny_model import build_tiny_model  # noqa: E402
+from tiny_model import get_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_models_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("tiny_models")
+def tiny_model_factory():
+    """make(arch="llama"|"qwen2"|"qwen3", seed=0, **build_kwargs) -> model directory (str).
+    Built once per distinct arguments and cached across sessions (tiny_model.get_tiny_model)."""
+    return get_tiny_model
 
 
 @pytest.fixture(scope="session")
-def tiny_model_path(tiny_models_dir) -> str:
-    return str(build_tiny_model(tiny_models_dir / "llama", arch="llama", seed=0))
-
-
-@pytest.fixture(scope="session")
-def tiny_model_factory(tiny_models_dir):
-    def make(arch: str = "llama", seed: int = 0, **kwargs) -> str:
-        name = f"{arch}-{seed}-" + "-".join(f"{k}{v}" for k, v in sorted(kwargs.items()))
-        return str(build_tiny_model(tiny_models_dir / name, arch=arch, seed=seed, **kwargs))
-
-    return make
+def tiny_model_path() -> str:
+    return get_tiny_model("llama", seed=0)
 
 
 @pytest.fixture(scope="module")

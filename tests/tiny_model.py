@@ -1,44 +1,92 @@
-"""Tiny randomly initialised Llama / Qwen2 / Qwen3 checkpoints with a real BPE tokenizer.
+"""Tiny, randomly initialised Hugging Face checkpoints for tests: no hub, a few seconds to build.
 
-Built in a second or two, offline: a byte-level BPE trained on a small built-in corpus, a chat
-template, and a model saved by transformers as safetensors, so every loader and server path runs
-exactly as with a real checkpoint.
+``build_tiny_model(dest, arch=...)`` writes a complete model directory: config.json,
+generation_config.json, model.safetensors and a real byte-level BPE tokenizer (trained here on
+a small built-in corpus) with ChatML special tokens and a chat template, loadable offline with
+AutoTokenizer / AutoModelForCausalLM and servable by faser_sgl.
+
+``get_tiny_model(arch=..., **kw)`` builds once into a cache directory keyed by the arguments and
+by this file's source, so test modules (and repeated test runs) share one build.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import torch
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a model hub
 
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
+EOS_TOKEN = "<|im_end|>"  # end of an assistant turn: the model's eos everywhere
+PAD_TOKEN = "<|endoftext|>"  # also a generation_config eos, as in Qwen's instruct models
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+# Training text for the tokenizer: enough distinct English and code to learn a few hundred
+# merges in well under a second.
 CORPUS = """
-def fibonacci(n):
-    if n < 2:
-        return n
-    return fibonacci(n - 1) + fibonacci(n - 2)
+The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
+What is a closure? A closure is a function that remembers the variables of the scope it was made in.
+Hello world! How are you today? I am fine, thank you, and you? The weather is nice, so we walk to the station.
+Speculative decoding lets a small draft model propose tokens that a larger target model verifies in one pass.
+A hash map stores keys and values; lookups take constant time on average, but collisions can slow them down.
+Translate to French: the cat sleeps on the warm window sill while the rain falls outside.
+Write a Python function that checks whether a number is prime, then explain how it works step by step.
+Servers batch many requests together so that the accelerator stays busy and every user sees low latency.
+The scheduler admits new requests, splits long prompts into chunks, and frees memory when requests finish.
+Once upon a time there was a small robot who wanted to learn how to paint the colours of the sea.
+In the morning the market opens early; farmers bring apples, bread, cheese, honey and fresh green beans.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 42 100 256 1024 3.14159 2.71828 -1 +7 1e-6 0x1F 0b1010.
+def quicksort(xs):
+    if len(xs) <= 1:
+        return xs
+    pivot, rest = xs[0], xs[1:]
+    return quicksort([x for x in rest if x < pivot]) + [pivot] + quicksort([x for x in rest if x >= pivot])
+
+def fibonacci(n: int) -> int:
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
 
 class Stack:
     def __init__(self):
         self.items = []
+
     def push(self, item):
         self.items.append(item)
+
     def pop(self):
         return self.items.pop()
 
-The quick brown fox jumps over the lazy dog. Hello world, this is a small test corpus for a
-tiny tokenizer. Speculative decoding drafts tokens with a small model and verifies them with a
-large one, so the output stays exactly the same while the server gets faster.
-for i in range(10): print(i * i)
-what is x? and y? hello there. def add(a, b): return a + b
+import json, os, sys
+with open("data.json") as f:
+    data = json.load(f)
+print({"name": "value", "count": len(data)})
+for i, line in enumerate(sys.stdin):
+    if not line.strip():
+        continue
+    print(i, line.upper())
+const add = (a, b) => a + b; let total = [1, 2, 3].reduce(add, 0); console.log(`total=${total}`);
+SELECT name, COUNT(*) FROM users WHERE age > 21 GROUP BY name ORDER BY COUNT(*) DESC;
+fn main() { let v: Vec<i32> = (1..10).collect(); println!("{:?}", v); }
+#include <stdio.h>
+int main(void) { printf("hello, world\\n"); return 0; }
 """
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
-
-def build_tokenizer(dest: Path, vocab_size: int):
+def _train_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -47,49 +95,118 @@ def build_tokenizer(dest: Path, vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([CORPUS] * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", bos_token=None)
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(dest)
-    return fast
-
-
-def build_tiny_model(dest: str | Path, arch: str = "llama", seed: int = 0, vocab_size: int = 512,
-                     num_layers: int = 2, hidden_size: int = 64, init_std: float = 0.15) -> Path:
-    """Write a tiny checkpoint to dest (idempotent) and return its path."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
-
-    dest = Path(dest)
-    if (dest / "config.json").exists() and (dest / "model.safetensors").exists():
-        return dest
-    dest.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(dest, vocab_size)
-    common = dict(
-        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=1024, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        bos_token_id=None, tie_word_embeddings=False, rms_norm_eps=1e-6,
-        # A larger init spread than the default makes greedy output varied, not one repeated id.
-        initializer_range=init_std,
+    lines = [line for line in CORPUS.splitlines() if line.strip()]
+    # Repeat the corpus so that pair counts separate clearly and merges are deterministic.
+    tok.train_from_iterator(lines * 4, trainer)
+    if tok.get_vocab_size() != vocab_size:
+        raise RuntimeError(f"tokenizer learned {tok.get_vocab_size()} tokens, wanted {vocab_size}: "
+                           "grow CORPUS or lower vocab_size")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=["<|im_start|>"],
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
     )
-    if arch == "llama":
-        config = LlamaConfig(**common)
-    elif arch == "qwen2":
-        config = Qwen2Config(**common)
-    elif arch == "qwen3":
-        config = Qwen3Config(head_dim=hidden_size // 4, **common)
-    else:
-        raise ValueError(arch)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _randomise(model, seed: int, std: float) -> None:
+    """Weights with enough spread that greedy outputs vary and have clear argmax margins:
+    HF's default init (std 0.02, zero biases, unit norms) gives near-flat logits, where tiny
+    float differences flip argmax ties and biases/norm weights are never exercised."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.05)  # Qwen2's q/k/v biases start at zero otherwise
-    model.save_pretrained(dest)
-    return dest
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+
+
+def build_tiny_model(dest_dir: str | os.PathLike, arch: str = "llama", seed: int = 0, vocab_size: int = 512,
+                     hidden_size: int = 64, num_layers: int = 3, num_heads: int = 4, num_kv_heads: int = 2,
+                     intermediate_size: int = 128, max_position_embeddings: int = 1024,
+                     rope_scaling: dict | None = None, tie_word_embeddings: bool | None = None,
+                     init_std: float = 0.15) -> str:
+    """Write a tiny random ``arch`` model ("llama" | "qwen2" | "qwen3") with its tokenizer to
+    dest_dir and return the path.  tie_word_embeddings defaults to True for qwen2 (as in the
+    small Qwen2.5 models) and False otherwise; rope_scaling is passed through (e.g. llama3)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_tokenizer(vocab_size)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    if rope_scaling:
+        rope = {**rope_scaling, "rope_theta": 10000.0}
+    config = AutoConfig.for_model(
+        arch,
+        architectures=[ARCHITECTURES[arch]],
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-6,
+        rope_parameters=rope,
+        tie_word_embeddings=(arch == "qwen2") if tie_word_embeddings is None else tie_word_embeddings,
+        bos_token_id=pad_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        use_sliding_window=False,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomise(model, seed, init_std)
+    model.generation_config = GenerationConfig(bos_token_id=pad_id, eos_token_id=[eos_id, pad_id],
+                                               pad_token_id=pad_id)
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+    return str(dest)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("FASER_SGL_TEST_CACHE", Path(tempfile.gettempdir()) / "faser_sgl_tiny_models"))
+
+
+def get_tiny_model(arch: str = "llama", **kwargs) -> str:
+    """build_tiny_model, cached: the directory is keyed by the arguments and this file's source,
+    and written under a temporary name then renamed, so concurrent builders never see half a
+    model."""
+    source = Path(__file__).read_bytes()
+    key_src = json.dumps({"arch": arch, **kwargs}, sort_keys=True).encode() + source
+    key = hashlib.sha256(key_src).hexdigest()[:16]
+    root = _cache_root()
+    final = root / f"{arch}-{key}"
+    if (final / "config.json").is_file():
+        return str(final)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{arch}-", dir=root))
+    try:
+        build_tiny_model(tmp, arch=arch, **kwargs)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished first
+            if not (final / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)

@@ -1,45 +1,91 @@
-"""Load a Hugging Face safetensors checkpoint from a local directory into CausalLM."""
+"""Load a Hugging Face safetensors checkpoint from a local directory into CausalLM.
+
+The model is built on the meta device (no memory, no random init) and each parameter is then
+replaced by the checkpoint tensor, cast to the requested dtype and moved to the device, one
+tensor at a time, so peak memory stays near one copy of the weights.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from faser_sgl.executor.config import ModelConfig
 from faser_sgl.executor.model import CausalLM
+
+INDEX_FILE = "model.safetensors.index.json"
+# Checkpoint tensors that carry no weight of ours (derived buffers some exporters save).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The shard files: those the index names if there is one, else every *.safetensors."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are not there: {missing}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path} (only safetensors checkpoints load)")
+    return files
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> tuple[CausalLM, ModelConfig]:
     path = Path(path)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
     config = ModelConfig.from_pretrained(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    device = torch.device(device)
     with torch.device("meta"):
         model = CausalLM(config)
-    params = dict(model.named_parameters())
-    loaded: dict[str, torch.Tensor] = {}
-    for file in files:
+    wanted = dict(model.named_parameters())
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+
+    for file in checkpoint_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
-                if name in params:
-                    loaded[name] = f.get_tensor(name).to(dtype)
-    if "lm_head.weight" not in loaded and "model.embed_tokens.weight" in loaded:
-        # Tied embeddings: the checkpoint stores the matrix once.
-        loaded["lm_head.weight"] = loaded["model.embed_tokens.weight"]
-    missing = sorted(set(params) - set(loaded))
+                if name == "lm_head.weight" and config.tie_word_embeddings:
+                    continue  # tied: the embedding matrix serves as lm_head
+                if name not in wanted:
+                    if not name.endswith(IGNORED_SUFFIXES):
+                        unexpected.append(name)
+                    continue
+                tensor = f.get_tensor(name)
+                expected = tuple(wanted[name].shape)
+                if tuple(tensor.shape) != expected:
+                    raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, "
+                                     f"the config implies {expected}")
+                _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+                loaded.add(name)
+
+    missing = sorted(set(wanted) - loaded)
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {len(missing)} weights, e.g. {missing[:3]}")
-    for name, tensor in loaded.items():
-        expected = tuple(params[name].shape)
-        if tuple(tensor.shape) != expected:
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {expected}")
-    model.load_state_dict(loaded, strict=False, assign=True)
-    # Buffers (rotary frequencies) were created on the meta device: rebuild them for real.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config)
-    model.to(device)
+        hint = ""
+        if missing == ["lm_head.weight"]:
+            hint = " (the checkpoint has no lm_head: set tie_word_embeddings in config.json if it is tied)"
+        raise ValueError(f"checkpoint {path} lacks {len(missing)} weight(s): "
+                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}{hint}")
+    if unexpected:
+        # A weight we would ignore means the config and the checkpoint disagree about the
+        # architecture (e.g. biases the config does not announce): refuse rather than guess.
+        raise ValueError(f"checkpoint {path} has {len(unexpected)} weight(s) this architecture does "
+                         f"not use: {', '.join(sorted(unexpected)[:5])}")
     model.eval()
+    model.requires_grad_(False)
     return model, config
+
+
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_path, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    setattr(module, attr, nn.Parameter(tensor, requires_grad=False))

@@ -1,7 +1,11 @@
 """Llama / Qwen2 / Qwen3 decoder in plain torch, run over one ragged ForwardBatch.
 
-Module names mirror Hugging Face's so that checkpoints load by name.  The layer loop is explicit
-(``forward_layers``) so that verification can later stop or prune rows at an intermediate layer.
+Module and parameter names mirror Hugging Face's (``model.layers.N.self_attn.q_proj.weight``...)
+so that checkpoints load by name.  The numerics follow HF's as well (RMSNorm in float32, RoPE
+tables in float32 then cast, rotate_half convention) so float32 logits agree to ~1e-5.
+
+The layer loop is explicit: ``forward`` = ``embed`` -> ``forward_layers(0, L)`` -> ``compute_logits``,
+so that verification can later run layers in segments and stop or prune rows in between.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from faser_sgl.executor.attention.base import AttentionBackend
 from faser_sgl.executor.config import ModelConfig
 from faser_sgl.executor.forward_batch import ForwardBatch
 from faser_sgl.executor.kv_cache import KVCache
@@ -24,109 +29,134 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and scale in the model dtype, exactly as HF does.
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
 
 
-class RotaryEmbedding(nn.Module):
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        dim = config.head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        scaling = config.rope_scaling
-        if scaling is not None:
-            kind = scaling.get("rope_type") or scaling.get("type")
-            if kind == "linear":
-                inv_freq = inv_freq / scaling["factor"]
-            elif kind == "llama3":
-                inv_freq = _llama3_inv_freq(inv_freq, scaling)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+class RotaryEmbedding:
+    """cos/sin tables for arbitrary positions (HF's rotate_half convention).
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+    Not an nn.Module on purpose: the frequencies are derived from the config, never loaded, and
+    computing them per device on first use keeps meta-device construction in the loader simple.
+    """
+
+    def __init__(self, config: ModelConfig):
+        self.head_dim = config.head_dim
+        self.theta = config.rope_theta
+        self.scaling = config.rope_scaling
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq:
+            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+            inv = 1.0 / (self.theta ** exponents)
+            if self.scaling is not None:
+                kind = self.scaling["rope_type"]
+                if kind == "linear":
+                    inv = inv / self.scaling["factor"]
+                elif kind == "llama3":
+                    inv = _llama3_inv_freq(inv, self.scaling)
+            self._inv_freq[device] = inv.to(device)
+        return self._inv_freq[device]
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [T, 1, head_dim] (broadcast over heads), in dtype."""
+        freqs = positions.float()[:, None] * self.inv_freq(positions.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
-    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    """Llama 3.1 frequency scaling: low frequencies divided by factor, high ones kept, and a
+    smooth blend in between (wavelengths measured against the original context length)."""
+    factor = s["factor"]
+    low, high = s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
     old_len = s.get("original_max_position_embeddings", 8192)
-    low_wavelen, high_wavelen = old_len / low, old_len / high
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
     wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
     smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(medium, smoothed, scaled)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, blended, scaled)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
-        self.layer = layer
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        h, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.layer_id = layer_id
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=config.o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, batch: ForwardBatch, kv_cache: KVCache, attn) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch,
+                kv_cache: KVCache, attn: AttentionBackend) -> torch.Tensor:
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None:  # Qwen3 normalises each head before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        out = attn.forward(self.layer, q, k, v, kv_cache, batch)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attn.forward(self.layer_id, q, k, v, kv_cache, batch)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer)
+        self.self_attn = Attention(config, layer_id)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, batch, kv_cache, attn) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, kv_cache, attn)
+    def forward(self, x, rope, batch, kv_cache, attn) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, batch, kv_cache, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class DecoderModel(nn.Module):
+    """HF's ``model.*`` submodule: embeddings, layers, final norm."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config)
 
 
 class CausalLM(nn.Module):
@@ -134,24 +164,43 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Tied checkpoints reuse the embedding matrix; a separate lm_head would only duplicate
+        # it (and tying two Parameters across meta -> device moves is fragile).
+        self.lm_head = None if config.tie_word_embeddings else \
+            nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config)
 
-    def embed(self, batch: ForwardBatch) -> torch.Tensor:
-        return self.model.embed_tokens(batch.input_ids)
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.layers)
 
-    def forward_layers(self, hidden, batch: ForwardBatch, kv_cache: KVCache, attn,
-                       start: int, end: int) -> torch.Tensor:
-        cos, sin = self.model.rotary_emb(batch.positions, hidden.dtype)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def rope(self, batch: ForwardBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary(batch.positions, dtype)
+
+    def forward_layers(self, hidden: torch.Tensor, batch: ForwardBatch, kv_cache: KVCache,
+                       attn: AttentionBackend, start: int, end: int,
+                       rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Run layers [start, end) on hidden ([T, hidden]); each layer writes its K/V for the
+        batch's new tokens.  ``rope`` can be passed in to share it between segments."""
+        if rope is None:
+            rope = self.rope(batch, hidden.dtype)
         for layer in self.model.layers[start:end]:
-            hidden = layer(hidden, cos, sin, batch, kv_cache, attn)
+            hidden = layer(hidden, rope, batch, kv_cache, attn)
         return hidden
 
-    def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model.norm(hidden[rows])).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + lm_head on the given rows ([L, hidden]) -> float32 [L, vocab]."""
+        hidden = self.model.norm(hidden)
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
 
-    def forward(self, batch: ForwardBatch, kv_cache: KVCache, attn) -> torch.Tensor:
-        """Logits (float32) for batch.logits_indices rows: [L, vocab]."""
+    def forward(self, batch: ForwardBatch, kv_cache: KVCache, attn: AttentionBackend) -> torch.Tensor:
+        """Float32 logits for the rows batch.logits_indices: [L, vocab]."""
         attn.begin_forward(batch)
-        hidden = self.embed(batch)
-        hidden = self.forward_layers(hidden, batch, kv_cache, attn, 0, self.config.num_layers)
-        return self.logits(hidden, batch.logits_indices)
+        hidden = self.embed(batch.input_ids)
+        rope = self.rope(batch, hidden.dtype)
+        hidden = self.forward_layers(hidden, batch, kv_cache, attn, 0, self.num_layers, rope)
+        return self.compute_logits(hidden[batch.logits_indices])

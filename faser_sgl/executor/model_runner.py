@@ -1,4 +1,11 @@
-"""A loaded model with its KV cache, slot allocator and attention backend."""
+"""A loaded model with its KV cache, slot allocator and attention backend: the executor's
+single entry point for the scheduler.
+
+Pool size (KV slots), first match wins: ``num_kv_slots``; ``max_total_tokens`` (SGLang's flag of
+that name); else a memory budget measured after the weights are loaded: ``mem_fraction`` of free
+GPU memory on CUDA, or of available RAM on CPU, where it is also capped at CPU_CONTEXTS_CAP full
+contexts because a CPU never serves enough concurrent long requests to use more.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +13,28 @@ import torch
 
 from faser_sgl.executor.attention import create_backend
 from faser_sgl.executor.forward_batch import ForwardBatch
-from faser_sgl.executor.kv_cache import KVCache, SlotAllocator, kv_bytes_per_token
+from faser_sgl.executor.kv_cache import KVCache, SlotAllocator, kv_bytes_per_token, slots_for_budget
 from faser_sgl.executor.loader import load_model
+
+DEFAULT_MEM_FRACTION = {"cuda": 0.8, "cpu": 0.3}
+CPU_CONTEXTS_CAP = 4
+MIN_KV_SLOTS = 16
 
 
 class ModelRunner:
     def __init__(self, model_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 attention_backend: str = "torch", max_total_tokens: int | None = None,
-                 mem_fraction: float = 0.3):
+                 attention_backend: str = "torch", num_kv_slots: int | None = None,
+                 max_total_tokens: int | None = None, mem_fraction: float | None = None):
+        self.model_path = str(model_path)
         self.device = torch.device(device)
         self.dtype = dtype
         self.model, self.config = load_model(model_path, dtype=dtype, device=self.device)
         cfg = self.config
-        num_slots = max_total_tokens or self._slots_from_memory(mem_fraction)
-        self.kv_cache = KVCache(cfg.num_layers, num_slots, cfg.num_kv_heads, cfg.head_dim, dtype, self.device)
-        self.allocator = SlotAllocator(num_slots)
+        self.num_kv_slots = self._pool_size(num_kv_slots or max_total_tokens, mem_fraction)
+        self.kv_cache = KVCache.for_model(cfg, self.num_kv_slots, dtype, self.device)
+        self.allocator = SlotAllocator(self.num_kv_slots)
         self.attn = create_backend(attention_backend, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                   str(self.device))
-        if hasattr(self.attn, "set_dtypes"):
-            self.attn.set_dtypes(dtype, dtype)
+                                   dtype=dtype, device=self.device)
 
     @property
     def vocab_size(self) -> int:
@@ -34,20 +44,46 @@ class ModelRunner:
     def max_context_len(self) -> int:
         return self.config.max_position_embeddings
 
-    def _slots_from_memory(self, fraction: float) -> int:
-        cfg = self.config
-        per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-        else:
-            import psutil
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return list(self.config.eos_token_ids)
 
-            free = psutil.virtual_memory().available
-        return max(256, min(int(free * fraction) // per_token, 4 * cfg.max_position_embeddings))
+    def _pool_size(self, requested: int | None, mem_fraction: float | None) -> int:
+        if requested is not None:
+            if requested < 1:
+                raise ValueError(f"the KV pool needs at least one slot, got {requested}")
+            return int(requested)
+        kind = "cuda" if self.device.type == "cuda" else "cpu"
+        fraction = DEFAULT_MEM_FRACTION[kind] if mem_fraction is None else mem_fraction
+        if kind == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            cap = None
+        else:
+            free = _available_ram()
+            cap = CPU_CONTEXTS_CAP * self.max_context_len
+        slots = slots_for_budget(self.config, self.dtype, int(free * fraction), max_slots=cap, min_slots=0)
+        if slots < MIN_KV_SLOTS:
+            per_token = kv_bytes_per_token(self.config, self.dtype)
+            raise RuntimeError(
+                f"only {slots} KV slots fit in {fraction:.0%} of {free / 2**30:.2f} GiB free "
+                f"({per_token} bytes per token); pass max_total_tokens or free memory"
+            )
+        return slots
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits [len(batch.logits_indices), vocab] in float32."""
+        """Float32 logits [len(batch.logits_indices), vocab] for one ragged batch."""
         if batch.input_ids.device != self.device:
             batch = batch.to(self.device)
         return self.model(batch, self.kv_cache, self.attn)
+
+
+def _available_ram() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # psutil is in the lock file, but stay usable without it
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

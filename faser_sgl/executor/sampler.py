@@ -1,25 +1,40 @@
-"""Token sampling with SGLang's sampling-parameter semantics, in torch.
+"""Token sampling with SGLang 0.5.23's sampling-parameter semantics, in torch.
 
-Per request: penalties over its output tokens (repetition: divide positive / multiply negative
-logits; frequency: subtract count * penalty; presence: subtract penalty once), stop tokens masked
-until min_new_tokens, logit_bias, then temperature, top-k, top-p, min-p.  Greedy is top_k == 1
-(SGLang turns temperature 0 into top_k = 1).  ``probs`` exposes the final distribution because
-speculative rejection sampling needs the target's and the draft's exactly as they would sample.
-Rows may belong to different requests, each with its own seeded generator.
+Per row (rows may belong to different requests, or several rows to one request):
+
+1. penalties over the request's *output* tokens so far (SGLang's penalizers only ever see output
+   tokens, never the prompt), additive ones first, then the multiplicative one, as SGLang's
+   overlap scheduler accumulates them:
+     frequency_penalty:  logit -= penalty * count(token)
+     presence_penalty:   logit -= penalty            if the token occurred
+     min_new_tokens:     logit  = -inf for stop/eos  while fewer outputs than min_new_tokens
+     repetition_penalty: logit /= penalty if logit > 0 else logit *= penalty, if the token occurred
+2. logit_bias added (SGLang adds it after penalties and grammar masks).
+3. Greedy rows (top_k == 1; SGLang turns temperature 0 into top_k 1) take the argmax here.
+4. Others: softmax(logits / temperature), then top-k, top-p and min-p as SGLang's torch sampler
+   does them: top-p keeps a token while the mass strictly before it is <= top_p, min-p drops
+   tokens below min_p * (largest probability), and the survivors are renormalised.
+
+``probs`` returns exactly the distribution ``sample`` draws from (one-hot for greedy rows),
+because speculative rejection sampling needs the target's and the draft's final distributions.
+Randomness comes from one torch.Generator per request (seeded from ``sampling_seed`` when
+given), consumed as one uniform per sampled row, so a seeded request is reproducible whatever
+else shares its batch.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-TOP_K_ALL = 1 << 30
-_EPS = 1e-6
+TOP_K_ALL = 1 << 30  # SGLang's "whole vocabulary"
+SAMPLING_EPS = 1e-6  # temperatures below this are greedy, as in SGLang
 
 
-@dataclass(eq=False)
+@dataclass(eq=False)  # identity semantics: several rows of one request share one object
 class SamplingOptions:
     temperature: float = 1.0
     top_p: float = 1.0
@@ -29,139 +44,234 @@ class SamplingOptions:
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     min_new_tokens: int = 0
-    stop_token_ids: tuple[int, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()  # masked while fewer than min_new_tokens outputs exist
     logit_bias: Optional[dict[int, float]] = None
+    seed: Optional[int] = None
     generator: Optional[torch.Generator] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.top_k is None or self.top_k == -1:
+            self.top_k = TOP_K_ALL
+        if 0 <= self.temperature < SAMPLING_EPS:
+            self.temperature, self.top_k = 1.0, 1
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        if self.logit_bias:
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        else:
+            self.logit_bias = None
+        if not self.is_greedy:
+            self.get_generator()  # seed now: the draw order of unseeded requests is arrival order
 
     @property
     def is_greedy(self) -> bool:
         return self.top_k == 1
 
     @property
-    def has_penalties(self) -> bool:
+    def uses_history(self) -> bool:
+        """Whether the output tokens so far change this request's logits."""
         return (self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
-                or self.repetition_penalty != 1.0 or self.min_new_tokens > 0 or bool(self.logit_bias))
+                or self.repetition_penalty != 1.0 or (self.min_new_tokens > 0 and bool(self.stop_token_ids)))
 
-    @staticmethod
-    def from_sglang(sp, vocab_size: int, stop_token_ids=()) -> "SamplingOptions":
-        """Build from an sglang SamplingParams (read by attribute: no sglang import here)."""
-        temperature = float(getattr(sp, "temperature", 1.0) if getattr(sp, "temperature", None) is not None else 1.0)
-        top_k = getattr(sp, "top_k", TOP_K_ALL)
-        top_k = TOP_K_ALL if top_k in (None, -1) else int(top_k)
-        if temperature < _EPS:
-            temperature, top_k = 1.0, 1
-        opts = SamplingOptions(
-            temperature=temperature,
-            top_p=float(getattr(sp, "top_p", 1.0) or 1.0),
-            top_k=top_k,
-            min_p=float(getattr(sp, "min_p", 0.0) or 0.0),
-            frequency_penalty=float(getattr(sp, "frequency_penalty", 0.0) or 0.0),
-            presence_penalty=float(getattr(sp, "presence_penalty", 0.0) or 0.0),
-            repetition_penalty=float(getattr(sp, "repetition_penalty", 1.0) or 1.0),
-            min_new_tokens=int(getattr(sp, "min_new_tokens", 0) or 0),
-            stop_token_ids=tuple(stop_token_ids),
-            logit_bias={int(k): float(v) for k, v in (getattr(sp, "logit_bias", None) or {}).items()} or None,
-        )
-        opts.validate(vocab_size)
-        seed = getattr(sp, "sampling_seed", None)
-        if not opts.is_greedy:
-            opts.generator = torch.Generator()
-            if seed is not None:
-                opts.generator.manual_seed(int(seed) % (1 << 63))
-            else:
-                opts.generator.seed()
-        return opts
+    @property
+    def adjusts_logits(self) -> bool:
+        return self.uses_history or self.logit_bias is not None
+
+    def get_generator(self) -> torch.Generator:
+        """The request's CPU generator, created on first use: seeded from ``seed``, else from
+        torch's global RNG (so a server started with a fixed random seed replays exactly)."""
+        if self.generator is None:
+            seed = self.seed if self.seed is not None else int(torch.randint(0, 1 << 62, (1,)))
+            self.generator = torch.Generator(device="cpu")
+            self.generator.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+        return self.generator
 
     def validate(self, vocab_size: int) -> None:
+        if not self.temperature > 0.0 or self.temperature != self.temperature:
+            raise ValueError(f"temperature must be non-negative, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be -1 (all) or at least 1, got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not self.temperature > 0.0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
         if not 0.0 < self.repetition_penalty <= 2.0:
             raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
-        for k in self.logit_bias or {}:
-            if not 0 <= k < vocab_size:
-                raise ValueError(f"logit_bias token {k} is outside the vocabulary")
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        for t in list(self.logit_bias or ()) + list(self.stop_token_ids):
+            if not 0 <= t < vocab_size:
+                raise ValueError(f"token id {t} is outside the vocabulary [0, {vocab_size})")
+
+    @staticmethod
+    def from_sglang(sp, vocab_size: int, eos_ids: Sequence[int] = ()) -> "SamplingOptions":
+        """From an sglang SamplingParams, read by attribute so that the executor never imports
+        sglang.  eos_ids are the model's end tokens; together with sp.stop_token_ids they are
+        what min_new_tokens holds back (SGLang masks both)."""
+
+        def get(name, default):
+            value = getattr(sp, name, None)
+            return default if value is None else value
+
+        stop_ids = sorted({int(t) for t in eos_ids} | {int(t) for t in (get("stop_token_ids", ()) or ())})
+        opts = SamplingOptions(
+            temperature=float(get("temperature", 1.0)),
+            top_p=float(get("top_p", 1.0)),
+            top_k=int(get("top_k", TOP_K_ALL)),
+            min_p=float(get("min_p", 0.0)),
+            frequency_penalty=float(get("frequency_penalty", 0.0)),
+            presence_penalty=float(get("presence_penalty", 0.0)),
+            repetition_penalty=float(get("repetition_penalty", 1.0)),
+            min_new_tokens=int(get("min_new_tokens", 0)),
+            stop_token_ids=tuple(t for t in stop_ids if 0 <= t < vocab_size),
+            logit_bias=get("logit_bias", None),
+            seed=getattr(sp, "sampling_seed", None),
+        )
+        opts.validate(vocab_size)
+        return opts
 
 
 class Sampler:
-    def penalized_logits(self, logits: torch.Tensor, options: list[SamplingOptions],
-                         histories: list[list[int]]) -> torch.Tensor:
-        """Apply each row's penalties given the output tokens before that row."""
-        if not any(o.has_penalties for o in options):
+    """Stateless: all per-request state lives in SamplingOptions and the histories passed in.
+
+    Every method takes logits [N, V] and, per row, its request's options and the output tokens
+    that precede that row (for speculative rows: the outputs plus the draft tokens before it).
+    ``prompt_ids`` is accepted for interface stability and unused (SGLang never penalises
+    prompt tokens).
+    """
+
+    def adjusted_logits(self, logits: torch.Tensor, options: Sequence[SamplingOptions],
+                        histories: Sequence[Sequence[int]] | None) -> torch.Tensor:
+        """Float32 logits after penalties, min_new_tokens masking and logit_bias (a copy
+        whenever anything changes)."""
+        if len(options) != logits.shape[0]:
+            raise ValueError(f"{logits.shape[0]} logit rows but {len(options)} sampling options")
+        logits = logits.float()
+        if not any(o.adjusts_logits for o in options):
             return logits
         logits = logits.clone()
-        for i, (o, hist) in enumerate(zip(options, histories)):
-            if not o.has_penalties:
-                continue
-            row = logits[i]
-            if hist and (o.frequency_penalty or o.presence_penalty or o.repetition_penalty != 1.0):
-                ids, counts = torch.unique(torch.tensor(hist, device=row.device), return_counts=True)
-                if o.repetition_penalty != 1.0:
-                    vals = row[ids]
-                    row[ids] = torch.where(vals < 0, vals * o.repetition_penalty, vals / o.repetition_penalty)
-                if o.frequency_penalty:
-                    row[ids] -= o.frequency_penalty * counts.to(row.dtype)
-                if o.presence_penalty:
-                    row[ids] -= o.presence_penalty
+        histories = histories if histories is not None else [()] * len(options)
+        _apply_history_penalties(logits, options, histories)
+        for i, o in enumerate(options):
             if o.logit_bias:
-                for tok, bias in o.logit_bias.items():
-                    row[tok] += bias
-            if len(hist) < o.min_new_tokens and o.stop_token_ids:
-                row[list(o.stop_token_ids)] = float("-inf")
+                toks = torch.tensor(list(o.logit_bias), device=logits.device)
+                logits[i, toks] += torch.tensor(list(o.logit_bias.values()), device=logits.device)
         return logits
 
-    def greedy_tokens(self, logits, options, histories, prompts=None) -> torch.Tensor:
-        return torch.argmax(self.penalized_logits(logits, options, histories), dim=-1)
+    def greedy_tokens(self, logits: torch.Tensor, options: Sequence[SamplingOptions],
+                      histories: Sequence[Sequence[int]] | None = None, prompt_ids=None) -> torch.Tensor:
+        """Argmax of the adjusted logits, whatever each row's temperature: [N] int64."""
+        return torch.argmax(self.adjusted_logits(logits, options, histories), dim=-1)
 
-    def probs(self, logits: torch.Tensor, options: list[SamplingOptions],
-              histories: list[list[int]], prompts=None) -> torch.Tensor:
-        """The distribution each row samples from: [N, V] float32, rows sum to 1.
-        Greedy rows are one-hot at their argmax."""
-        logits = self.penalized_logits(logits.float(), options, histories)
-        temps = torch.tensor([o.temperature for o in options], dtype=logits.dtype, device=logits.device)
-        probs = torch.softmax(logits / temps[:, None], dim=-1)
-        for i, o in enumerate(options):
-            if o.is_greedy:
-                onehot = torch.zeros_like(probs[i])
-                onehot[torch.argmax(logits[i])] = 1.0
-                probs[i] = onehot
-            elif o.top_k < probs.shape[-1] or o.top_p < 1.0 or o.min_p > 0.0:
-                probs[i] = _filter(probs[i], o)
+    def probs(self, logits: torch.Tensor, options: Sequence[SamplingOptions],
+              histories: Sequence[Sequence[int]] | None = None, prompt_ids=None) -> torch.Tensor:
+        """The distribution each row samples from: [N, V] float32, rows sum to 1, one-hot for
+        greedy rows."""
+        return self._probs(self.adjusted_logits(logits, options, histories), options)
+
+    def sample(self, logits: torch.Tensor, options: Sequence[SamplingOptions],
+               histories: Sequence[Sequence[int]] | None = None, prompt_ids=None) -> torch.Tensor:
+        """One token per row: [N] int64, on logits' device."""
+        adjusted = self.adjusted_logits(logits, options, histories)
+        if all(o.is_greedy for o in options):
+            return torch.argmax(adjusted, dim=-1)
+        probs = self._probs(adjusted, options)
+        uniforms = self.uniforms(options, probs.device)
+        return sample_from_probs(probs, uniforms)
+
+    @staticmethod
+    def uniforms(options: Sequence[SamplingOptions], device: torch.device | str = "cpu") -> torch.Tensor:
+        """One U[0, 1) draw per row from its request's generator (0 for greedy rows, which
+        consume nothing): [N] float32."""
+        u = [float(torch.rand((), generator=o.get_generator())) if not o.is_greedy else 0.0
+             for o in options]
+        return torch.tensor(u, dtype=torch.float32, device=device)
+
+    def _probs(self, adjusted: torch.Tensor, options: Sequence[SamplingOptions]) -> torch.Tensor:
+        n, vocab = adjusted.shape
+        device = adjusted.device
+        temps = torch.tensor([o.temperature for o in options], dtype=torch.float32, device=device)
+        probs = torch.softmax(adjusted / temps[:, None], dim=-1)
+        filtered = [i for i, o in enumerate(options)
+                    if not o.is_greedy and (o.top_k < vocab or o.top_p < 1.0 or o.min_p > 0.0)]
+        if filtered:
+            rows = torch.tensor(filtered, device=device)
+            probs[rows] = filter_probs(
+                probs[rows],
+                top_k=torch.tensor([min(options[i].top_k, vocab) for i in filtered], device=device),
+                top_p=torch.tensor([options[i].top_p for i in filtered], device=device),
+                min_p=torch.tensor([options[i].min_p for i in filtered], device=device),
+            )
+        greedy = [i for i, o in enumerate(options) if o.is_greedy]
+        if greedy:
+            rows = torch.tensor(greedy, device=device)
+            onehot = torch.zeros(len(greedy), vocab, dtype=probs.dtype, device=device)
+            onehot.scatter_(1, torch.argmax(adjusted[rows], dim=-1, keepdim=True), 1.0)
+            probs[rows] = onehot
         return probs
 
-    def sample(self, logits: torch.Tensor, options: list[SamplingOptions],
-               histories: list[list[int]], prompts=None) -> torch.Tensor:
-        """One token per row: [N] int64."""
-        if all(o.is_greedy for o in options):
-            return self.greedy_tokens(logits, options, histories)
-        probs = self.probs(logits, options, histories)
-        out = torch.empty(len(options), dtype=torch.int64)
-        for i, o in enumerate(options):
-            if o.is_greedy:
-                out[i] = torch.argmax(probs[i])
-            else:
-                out[i] = torch.multinomial(probs[i].cpu(), 1, generator=o.generator)[0]
-        return out
+
+def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                 min_p: torch.Tensor) -> torch.Tensor:
+    """Top-k, top-p and min-p on probability rows [n, V] (per-row parameters [n]), renormalised.
+
+    Same rule as SGLang's top_k_top_p_min_p_sampling_from_probs_torch: on the descending sort,
+    drop ranks >= top_k, drop tokens whose preceding mass exceeds top_p, drop tokens below
+    min_p times the largest probability.  The most likely token always survives.
+    """
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+    mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p
+    rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+    drop = rank >= top_k[:, None]
+    drop |= mass_before > top_p[:, None]
+    drop |= sorted_p < (sorted_p[:, :1] * min_p[:, None])
+    drop[:, 0] = False
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    sorted_p = sorted_p / sorted_p.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
 
 
-def _filter(p: torch.Tensor, o: SamplingOptions) -> torch.Tensor:
-    """top-k, then top-p, then min-p on one probability row; renormalized."""
-    sorted_p, idx = torch.sort(p, descending=True)
-    keep = torch.ones_like(sorted_p, dtype=torch.bool)
-    if o.top_k < p.numel():
-        keep[o.top_k:] = False
-    if o.top_p < 1.0:
-        # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
-        mass_before = torch.cumsum(sorted_p, 0) - sorted_p
-        keep &= mass_before < o.top_p
-    if o.min_p > 0.0:
-        keep &= sorted_p >= o.min_p * sorted_p[0]
-    keep[0] = True
-    filtered = torch.zeros_like(p)
-    filtered[idx[keep]] = sorted_p[keep]
-    return filtered / filtered.sum()
+def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: row i takes the first token whose cumulative mass exceeds
+    uniforms[i] * (row mass).  Tokens of zero probability can never be chosen."""
+    cdf = torch.cumsum(probs, dim=-1)
+    target = (uniforms.to(cdf.dtype) * cdf[:, -1])[:, None]
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return idx.clamp_(max=probs.shape[-1] - 1)
+
+
+def _apply_history_penalties(logits: torch.Tensor, options: Sequence[SamplingOptions],
+                             histories: Sequence[Sequence[int]]) -> None:
+    """Frequency, presence, min_new_tokens and repetition penalties, in place."""
+    device = logits.device
+    rows = [i for i, o in enumerate(options) if o.uses_history]
+    if not rows:
+        return
+    n_rows, vocab = len(rows), logits.shape[1]
+    row_of = torch.tensor(rows, device=device)
+    # counts[r, t]: how often token t occurs in row rows[r]'s output history.
+    counts = torch.zeros(n_rows, vocab, dtype=torch.float32, device=device)
+    lengths = [len(histories[i]) for i in rows]
+    if sum(lengths):
+        tokens = torch.tensor(list(itertools.chain.from_iterable(histories[i] for i in rows)),
+                              dtype=torch.int64, device=device)
+        row_ids = torch.repeat_interleave(torch.arange(n_rows, device=device),
+                                          torch.tensor(lengths, device=device))
+        counts.index_put_((row_ids, tokens), torch.ones_like(tokens, dtype=torch.float32), accumulate=True)
+    occurred = counts > 0
+
+    def per_row(attr):
+        return torch.tensor([float(getattr(options[i], attr)) for i in rows], device=device)[:, None]
+
+    sub = logits[row_of]
+    # Additive penalties first ...
+    sub -= per_row("frequency_penalty") * counts
+    sub -= per_row("presence_penalty") * occurred
+    for r, i in enumerate(rows):
+        o = options[i]
+        if o.min_new_tokens > 0 and o.stop_token_ids and len(histories[i]) < o.min_new_tokens:
+            sub[r, list(o.stop_token_ids)] = float("-inf")
+    # ... then the multiplicative one, on tokens that occurred.
+    rep = per_row("repetition_penalty").expand(-1, vocab)
+    scale = torch.where(occurred, rep, torch.ones_like(rep))
+    sub = torch.where(sub < 0, sub * scale, sub / scale)
+    logits[row_of] = sub
