@@ -102,6 +102,15 @@ class Scheduler:
             self.generator = TargetOnlyGenerator(self.runner, self.sampler)
         self.stop_checker = StopChecker(self.tokenizer)
         self.stream_interval = max(1, server_args.stream_interval or 1)
+        self.metrics = None
+        if server_args.enable_metrics:
+            from faser_sgl.managers.metrics import SchedulerMetrics
+
+            name = server_args.served_model_name or server_args.model_path
+            self.metrics = SchedulerMetrics({"model_name": str(name)})
+            if self.speculative:
+                self.generator.on_verify = self.metrics.observe_verification
+        self._last_retractions = 0
         self.sockets = sockets
         self.control = ControlHandler(self)
         self.gracefully_exit = False
@@ -276,6 +285,9 @@ class Scheduler:
             self.send_outputs(failed)
             return
         self.stats["num_forward_steps"] += 1
+        verify_before = getattr(self.generator, "num_verify_steps", 0)
+        generated_before = self.stats["num_generated_tokens"]
+        finished_before = self.stats["num_finished_requests"]
         to_send = []
         for chunk in chunks:
             req = chunk.req
@@ -290,6 +302,23 @@ class Scheduler:
         if to_send:
             self.send_outputs(to_send)
         self._update_throughput()
+        if self.metrics is not None:
+            self._observe_step(chunks, verify_before, generated_before, finished_before)
+
+    def _observe_step(self, chunks, verify_before, generated_before, finished_before) -> None:
+        m = self.metrics
+        m.observe_step(
+            running=len(self.planner.running), waiting=len(self.planner.waiting),
+            used_slots=self.allocator.num_used, total_slots=self.pool_size,
+            step_tokens=sum(len(c.tokens) for c in chunks),
+            new_tokens=self.stats["num_generated_tokens"] - generated_before,
+            finished=self.stats["num_finished_requests"] - finished_before)
+        if self.planner.num_retractions > self._last_retractions:
+            m.retractions.inc(self.planner.num_retractions - self._last_retractions)
+            self._last_retractions = self.planner.num_retractions
+        if self.speculative:
+            # Draft-then-verify: one frontier per step in which anything was verified.
+            m.frontiers.observe(1 if self.generator.num_verify_steps > verify_before else 0)
 
     def send_outputs(self, reqs: list[Request]) -> None:
         self.sockets.send_detokenizer(build_output(reqs, speculative=self.speculative))

@@ -33,6 +33,7 @@ class SpeculativeGenerator:
         self.num_verify_steps = 0
         self.num_drafted = 0
         self.num_accepted = 0
+        self.on_verify = None  # optional callback(drafted, accepted), e.g. Prometheus metrics
 
     # -- draft length ------------------------------------------------------------------------
     def _draft_lengths(self, decodes: list[Request]) -> list[int]:
@@ -97,6 +98,8 @@ class SpeculativeGenerator:
                 self.num_drafted += k
                 self.num_accepted += accepted
                 self.policy.observe(req, k, accepted)
+                if self.on_verify is not None:
+                    self.on_verify(k, accepted)
             out[req] = emitted
         # Prefill-only chunks: the draft saw them in _run_draft, nothing to emit.
         return out
