@@ -71,6 +71,13 @@ def test_empty_input(small_server):
         assert 400 <= r.status_code < 500, (body, r.status_code, r.text)
 
 
+def test_unsupported_features_are_refused_clearly(small_server):
+    r = post(small_server, {"input_ids": [1, 2, 3], "return_logprob": True, "sampling_params": {"max_new_tokens": 2}})
+    assert 400 <= r.status_code < 500 and "return_logprob" in r.text
+    r = post(small_server, {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2, "regex": "[a-z]+"}})
+    assert 400 <= r.status_code < 500 and "constrained" in r.text
+
+
 def test_token_id_outside_vocabulary(small_server):
     r = post(small_server, {"input_ids": [1, 10**7], "sampling_params": {"max_new_tokens": 2}})
     assert 400 <= r.status_code < 500, r.text

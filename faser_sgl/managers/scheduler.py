@@ -184,6 +184,8 @@ class Scheduler:
             raise BadRequest("input_embeds and multimodal inputs are not supported by faser_sgl")
         if msg.session_id is not None or msg.lora_id is not None:
             raise BadRequest("sessions and LoRA adapters are not supported by faser_sgl")
+        if msg.return_logprob or getattr(msg, "return_hidden_states", False):
+            raise BadRequest("return_logprob / return_hidden_states are not supported by faser_sgl yet")
         if any(getattr(sp, k, None) for k in ("json_schema", "regex", "ebnf", "structural_tag")):
             raise BadRequest("constrained decoding (json_schema/regex/ebnf) is not supported by faser_sgl")
         prompt = [int(t) for t in (msg.input_ids or [])]
