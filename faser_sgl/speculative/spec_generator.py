@@ -19,6 +19,7 @@ import torch
 
 from faser_sgl import kernels
 from faser_sgl.executor.forward_batch import ForwardBatch
+from faser_sgl.executor.sampler import sample_from_probs
 from faser_sgl.managers.batch_planner import ScheduledChunk
 from faser_sgl.managers.request import Request
 
@@ -144,17 +145,16 @@ class SpeculativeGenerator:
         return drafts, probs
 
     def _draft_sample(self, reqs, logits, drafts, probs) -> list[int]:
+        """Sample each request's next draft token from q (its final draft distribution), drawing
+        from the request's own generator so that seeded requests are reproducible."""
         histories = [r.output_ids + drafts[id(r)] for r in reqs]
-        q = self.sampler.probs(logits, [r.sampling for r in reqs], histories, [r.prompt_ids for r in reqs])
-        tokens = []
-        for i, r in enumerate(reqs):
-            if r.sampling.is_greedy:
-                t = int(torch.argmax(q[i]))
-            else:
-                t = int(torch.multinomial(q[i], 1, generator=r.sampling.generator))
+        opts = [r.sampling for r in reqs]
+        q = self.sampler.probs(logits, opts, histories, [r.prompt_ids for r in reqs])
+        # Greedy rows of q are one-hot, so inverse-CDF sampling returns their argmax.
+        tokens = sample_from_probs(q, self.sampler.uniforms(opts, q.device)).tolist()
+        for i, (r, t) in enumerate(zip(reqs, tokens)):
             drafts[id(r)].append(t)
             probs[id(r)].append(q[i])
-            tokens.append(t)
         return tokens
 
     def _accept(self, req: Request, draft: list[int], logits: torch.Tensor, q_rows) -> list[int]:
@@ -170,6 +170,6 @@ class SpeculativeGenerator:
         else:
             p = self.sampler.probs(logits, opts, histories, prompts)
             q = torch.stack(q_rows) if k else p.new_zeros((0, p.shape[1]))
-            acc_u, samp_u = kernels.make_uniforms(indptr, [req.sampling.generator], p.device)
+            acc_u, samp_u = kernels.make_uniforms(indptr, [req.sampling.get_generator()], p.device)
             _, emitted, n = kernels.rejection_sample(draft_t, indptr, q, p, acc_u, samp_u)
         return emitted[0, : int(n[0])].tolist()
