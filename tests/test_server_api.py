@@ -188,3 +188,16 @@ def test_bench_serving_random_ids(tiny_server, tiny_model_path, tmp_path):
     result = json.loads(out_file.read_text().strip().splitlines()[-1])
     assert result["completed"] == 6
     assert result["total_output_tokens"] > 0
+
+
+def test_unsupported_control_requests_get_an_answer(tiny_server):
+    """Weight updates and sessions are refused with a clear answer, not a hung HTTP call."""
+    r = requests.post(f"{tiny_server.base_url}/update_weights_from_disk", timeout=30,
+                      json={"model_path": "/nonexistent"})
+    assert r.status_code >= 400 or r.json().get("success") is False, r.text
+    assert "not supported by faser_sgl" in r.text
+    r = requests.post(f"{tiny_server.base_url}/open_session", timeout=30, json={"capacity_of_str_len": 100})
+    assert r.status_code >= 400 or r.json() in (None, False) or "session" in r.text.lower(), r.text
+    # And the server keeps serving.
+    assert requests.post(f"{tiny_server.base_url}/generate", timeout=60, json={
+        "input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}}).status_code == 200

@@ -51,13 +51,24 @@ class ControlHandler:
             reply_cls = None
         if reply_cls is None:
             return None
-        for kwargs in ({"success": False, "message": text}, {"success": False}):
-            try:
-                reply = reply_cls(**kwargs)
-            except TypeError:
-                continue
-            reply.rid = getattr(msg, "rid", None)
-            reply.http_worker_ipc = getattr(msg, "http_worker_ipc", None)
-            return reply
-        logger.warning("cannot build a %s reply for %s", reply_cls.__name__, name)
-        return None
+        # Fill what the reply type requires: success=False and our message where it has those
+        # fields; any other required field is echoed from the request when it has one (the front
+        # half matches some replies by it, e.g. session_id), else None.
+        import msgspec
+
+        kwargs = {}
+        for f in msgspec.structs.fields(reply_cls):
+            if f.name == "success":
+                kwargs["success"] = False
+            elif f.name in ("message", "error_message", "error"):
+                kwargs[f.name] = text
+            elif f.required:
+                kwargs[f.name] = getattr(msg, f.name, None)
+        try:
+            reply = reply_cls(**kwargs)
+        except (TypeError, ValueError, msgspec.ValidationError):
+            logger.warning("cannot build a %s reply for %s", reply_cls.__name__, name)
+            return None
+        reply.rid = getattr(msg, "rid", None)
+        reply.http_worker_ipc = getattr(msg, "http_worker_ipc", None)
+        return reply
