@@ -62,8 +62,8 @@ class BatchPlanner:
         self._admit(extra_slots_per_decode)
         budget = self.max_step_tokens
         chunks: list[ScheduledChunk] = []
-        decoding = [r for r in self.running if len(r.uncached_ids()) == 1]
-        prefilling = [r for r in self.running if len(r.uncached_ids()) > 1]
+        decoding = [r for r in self.running if r.num_uncached == 1]
+        prefilling = [r for r in self.running if r.num_uncached > 1]
         for req in decoding:
             if req not in self.running:  # retracted while making room for an earlier one
                 continue
@@ -90,7 +90,7 @@ class BatchPlanner:
         budget = self.max_step_tokens - len(self.running)
         while self.waiting and len(self.running) < self.max_running_requests and budget > 0:
             req = self.waiting[0]
-            first_chunk = min(len(req.uncached_ids()), budget)
+            first_chunk = min(req.num_uncached, budget)
             headroom = len(self.running) * (1 + extra_slots_per_decode)
             if self.allocator.num_free < first_chunk + headroom:
                 break

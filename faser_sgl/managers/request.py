@@ -89,6 +89,10 @@ class Request:
     def is_health_check(self) -> bool:
         return self.rid.startswith("HEALTH_CHECK")
 
+    @property
+    def num_uncached(self) -> int:
+        return self.num_tokens - len(self.kv_slots)
+
     def uncached_ids(self) -> list[int]:
         """Tokens whose KV is not in the cache yet: what the next forward must feed."""
         return self.all_ids[self.num_cached:]
