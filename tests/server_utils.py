@@ -1,86 +1,15 @@
-"""Start a real faser_sgl server (SGLang front half + our scheduler) on 127.0.0.1 for tests."""
+"""Start a real faser_sgl server (SGLang front half + our scheduler) on 127.0.0.1 for tests:
+the load-test harness's launcher with the model path as the first argument."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import requests
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    base_url: str
-    proc: subprocess.Popen
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def internal_state(self) -> dict:
-        info = requests.get(f"{self.base_url}/get_server_info", timeout=30).json()
-        return info["internal_states"][0]
-
-    def wait_kv_free(self, timeout: float = 30.0) -> dict:
-        """Wait until the scheduler holds no KV slot and no request; return its state."""
-        deadline = time.monotonic() + timeout
-        state = self.internal_state()
-        while time.monotonic() < deadline:
-            state = self.internal_state()
-            if (state["kv_used_slots"] == 0 and state["num_running_reqs"] == 0
-                    and state["num_waiting_reqs"] == 0):
-                return state
-            time.sleep(0.2)
-        raise AssertionError(f"KV pool not free after {timeout}s: {state}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=20)
+from faser_sgl.bench import server_process
+from faser_sgl.bench.server_process import Server
 
 
 def start_server(model_path: str, log_dir: Path, extra_args: list[str] | None = None,
                  timeout: float = 300.0) -> Server:
-    port = free_port()
-    log_path = log_dir / f"server-{port}.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "faser_sgl.launch_server", "--model-path", str(model_path),
-           "--host", "127.0.0.1", "--port", str(port), *(extra_args or [])]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", proc, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-5000:]}")
-        try:
-            if requests.get(f"{server.base_url}/health", timeout=5).status_code == 200:
-                # /health answers before warm-up ends; one real generation proves the whole path.
-                r = requests.post(f"{server.base_url}/generate", timeout=120,
-                                  json={"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 1}})
-                if r.status_code == 200:
-                    return server
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    server.stop()
-    raise RuntimeError(f"server did not come up in {timeout}s:\n{server.log()[-5000:]}")
+    return server_process.start_server(["--model-path", str(model_path), *(extra_args or [])],
+                                       log_dir, timeout)

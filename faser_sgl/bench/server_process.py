@@ -1,0 +1,89 @@
+"""Start and stop a real faser_sgl server on 127.0.0.1 as a child process (the harness starts
+one per setting; the tests use the same code)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    base_url: str
+    proc: subprocess.Popen | None
+    log_path: Path | None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def internal_state(self) -> dict:
+        info = requests.get(f"{self.base_url}/get_server_info", timeout=30).json()
+        return info["internal_states"][0]
+
+    def wait_kv_free(self, timeout: float = 30.0) -> dict:
+        """Wait until the scheduler holds no KV slot and no request; return its state."""
+        deadline = time.monotonic() + timeout
+        state = self.internal_state()
+        while time.monotonic() < deadline:
+            state = self.internal_state()
+            if (state["kv_used_slots"] == 0 and state["num_running_reqs"] == 0
+                    and state["num_waiting_reqs"] == 0):
+                return state
+            time.sleep(0.2)
+        raise AssertionError(f"KV pool not free after {timeout}s: {state}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=20)
+
+
+def start_server(server_args: list[str], log_dir: Path, timeout: float = 600.0) -> Server:
+    """Launch ``python -m faser_sgl.launch_server *server_args`` on a free port and return once a
+    real generation has gone through (``/health`` answers before warm-up ends)."""
+    port = free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"server-{port}.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "faser_sgl.launch_server", "--host", "127.0.0.1",
+           "--port", str(port), *server_args]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", proc, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-5000:]}")
+        try:
+            if requests.get(f"{server.base_url}/health", timeout=5).status_code == 200:
+                r = requests.post(f"{server.base_url}/generate", timeout=120,
+                                  json={"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 1}})
+                if r.status_code == 200:
+                    return server
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    server.stop()
+    raise RuntimeError(f"server did not come up in {timeout}s:\n{server.log()[-5000:]}")
