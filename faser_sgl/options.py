@@ -33,7 +33,8 @@ class FaserOptions:
     # Torch intra-op threads for the scheduler process (0 = torch default).
     num_threads: int = 0
     # Speculative decoding: none (target only), fixed (K drafts per request per step, the
-    # SGLang/vLLM-style baseline) or faser.
+    # SGLang/vLLM-style baseline), adaptive (per-request lengths up to K, chosen each step from
+    # acceptance and measured cost) or faser.
     speculative_policy: str = "none"
     speculative_draft_model_path: str | None = None
     speculative_num_draft_tokens: int = 4
@@ -57,13 +58,16 @@ class FaserOptions:
                            help="token budget of one forward pass (prefill chunks + decodes)")
         group.add_argument("--faser-num-threads", type=int, default=0,
                            help="torch threads in the scheduler process (0: torch default)")
-        group.add_argument("--speculative-policy", choices=["none", "fixed", "faser"], default="none",
+        group.add_argument("--speculative-policy", choices=["none", "fixed", "adaptive", "faser"],
+                           default="none",
                            help="none: target only; fixed: K draft tokens per request per step; "
-                                "faser: adaptive per-request lengths (later)")
+                                "adaptive: 0..K per request per step, chosen from its acceptance "
+                                "and the measured cost of drafting and verifying; faser: (later)")
         group.add_argument("--speculative-draft-model-path", default=None,
                            help="draft model directory (default: the embedded Qwen2.5-Coder-0.5B draft)")
         group.add_argument("--speculative-num-draft-tokens", type=int, default=4,
-                           help="K of the fixed policy; a request may override it with "
+                           help="K of the fixed policy (the most the adaptive one drafts); a request "
+                                "may override it with "
                                 "sampling_params.custom_params.num_draft_tokens")
 
     @staticmethod
@@ -73,7 +77,8 @@ class FaserOptions:
         if args.speculative_num_draft_tokens < 1:
             raise SystemExit("--speculative-num-draft-tokens must be at least 1")
         if args.speculative_policy == "faser":
-            raise SystemExit("--speculative-policy faser is not implemented yet; use none or fixed")
+            raise SystemExit("--speculative-policy faser is not implemented yet; use none, fixed or "
+                             "adaptive (FASER's per-request drafter on its own)")
         draft = args.speculative_draft_model_path
         if args.speculative_policy != "none" and draft is None:
             from faser_sgl import default_models

@@ -1,6 +1,8 @@
-"""Benchmark: no speculation vs the fixed-K draft-then-verify baseline, in-process.
+"""Benchmark: no speculation vs the fixed-K draft-then-verify baseline and the adaptive
+per-request drafter, in-process.
 
     python scripts/bench_speculative.py [--dtype float32] [--new-tokens 64] [--ks 2 4 6]
+                                        [--adaptive-max 4]
 
 Runs the scheduler's own planner/generator code (faser_sgl.offline_engine) on the embedded
 Qwen2.5-Coder pair, greedy, at concurrency 1 and 8, and prints tokens/s, the ratio to no
@@ -19,6 +21,7 @@ import torch
 from faser_sgl import default_models
 from faser_sgl.managers.token_generator import TargetOnlyGenerator
 from faser_sgl.offline_engine import OfflineEngine
+from faser_sgl.speculative.adaptive import AdaptiveLength
 from faser_sgl.speculative.policy import FixedLength
 from faser_sgl.speculative.spec_generator import SpeculativeGenerator
 
@@ -56,6 +59,8 @@ def main() -> None:
     ap.add_argument("--ks", type=int, nargs="+", default=[2, 4, 6])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--adaptive-max", type=int, default=4,
+                    help="also run the adaptive policy with at most this many drafts (0: skip)")
     args = ap.parse_args()
 
     from transformers import AutoTokenizer
@@ -66,17 +71,18 @@ def main() -> None:
                                             tokenize=True, return_dict=True)["input_ids"])
                for p in PROMPTS[: args.num_prompts]]
     dtype = getattr(torch, args.dtype)
-    engine = OfflineEngine(str(target), str(draft), policy="fixed", num_draft_tokens=max(args.ks),
+    engine = OfflineEngine(str(target), str(draft), policy="fixed",
+                           num_draft_tokens=max(args.ks + [args.adaptive_max]),
                            dtype=dtype, kv_slots=16384, eos_token_ids=[tok.eos_token_id])
     spec_gen: SpeculativeGenerator = engine.generator
     plain_gen = TargetOnlyGenerator(engine.runner, engine.sampler)
 
-    def use(k: int | None):
+    def use(k: int | None, adaptive: bool = False):
         engine.speculative = k is not None
         engine.generator = spec_gen if k is not None else plain_gen
         if k is not None:
             engine.num_draft_tokens = k
-            spec_gen.policy = FixedLength(k)
+            spec_gen.policy = AdaptiveLength(k) if adaptive else FixedLength(k)
             spec_gen.num_verify_steps = spec_gen.num_drafted = spec_gen.num_accepted = 0
 
     use(None)
@@ -90,13 +96,16 @@ def main() -> None:
         use(None)
         base_out, base_tps = run_config(engine, prompts, args.new_tokens, conc)
         print(f"| {conc} | none | {base_tps:.2f} | 1.00x | - | - |", flush=True)
-        for k in args.ks:
-            use(k)
+        runs = [(k, False, f"fixed K={k}") for k in args.ks]
+        if args.adaptive_max:
+            runs.append((args.adaptive_max, True, f"adaptive K<={args.adaptive_max}"))
+        for k, adaptive, name in runs:
+            use(k, adaptive)
             out, tps = run_config(engine, prompts, args.new_tokens, conc)
             steps = spec_gen.num_verify_steps
             accept = (spec_gen.num_accepted + steps) / steps if steps else float("nan")
             same = sum(a == b for a, b in zip(out, base_out))
-            print(f"| {conc} | fixed K={k} | {tps:.2f} | {tps / base_tps:.2f}x | {accept:.2f} | "
+            print(f"| {conc} | {name} | {tps:.2f} | {tps / base_tps:.2f}x | {accept:.2f} | "
                   f"{same}/{len(out)} |", flush=True)
 
 

@@ -64,5 +64,9 @@ class SchedulerMetrics:
         self.verify_passes.inc()
         self.drafted_tokens.inc(drafted)
         self.accepted_tokens.inc(accepted)
-        self.draft_length.observe(drafted)
         self.accept_length.observe(accepted + 1)
+
+    def observe_draft_lengths(self, lengths: list[int]) -> None:
+        """Every decode's chosen length, zeros included (an adaptive policy's "do not draft")."""
+        for k in lengths:
+            self.draft_length.observe(k)

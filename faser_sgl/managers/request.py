@@ -60,7 +60,7 @@ class Request:
     started_output: bool = False  # the first message (with the prompt tail) went out
     finish_sent: bool = False
     retraction_count: int = 0
-    # Tokens whose KV the draft model holds (same slots as the target's; it may lag by a few).
+    # Tokens whose KV the draft model holds (same slots as the target's; it lags, fed lazily).
     draft_cached: int = 0
     # Per-request draft length asked for in sampling_params.custom_params (fixed policy).
     requested_draft_len: Optional[int] = None
@@ -68,6 +68,9 @@ class Request:
     spec_verify_ct: int = 0
     spec_accepted_drafts: int = 0
     spec_drafted_tokens: int = 0
+    # (successes, trials) of draft-token acceptance with old samples decayed: the adaptive
+    # policy's estimate of this request's acceptance rate.
+    spec_accept_stats: tuple[float, float] = (0.0, 0.0)
 
     @property
     def all_ids(self) -> list[int]:

@@ -110,6 +110,7 @@ class Scheduler:
             self.metrics = SchedulerMetrics({"model_name": str(name)})
             if self.speculative:
                 self.generator.on_verify = self.metrics.observe_verification
+                self.generator.on_draft_lengths = self.metrics.observe_draft_lengths
         self._last_retractions = 0
         self.sockets = sockets
         self.control = ControlHandler(self)

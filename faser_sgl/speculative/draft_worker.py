@@ -3,8 +3,9 @@
 It shares the target's KV slot numbering: the draft's own KV cache has as many slots as the
 target's pool, and the token at slot s in the target cache is the token at slot s in the draft
 cache.  One allocator then serves both, and freeing a rejected token's slot rolls back both
-caches at once.  The draft may lag the target by a token or two (after a fully accepted run its
-last draft token was never fed to it); ``Request.draft_cached`` records how far it got.
+caches at once.  The draft lags the target: it is fed only when its request drafts (see
+spec_generator), and after a fully accepted run its last draft token was never fed to it;
+``Request.draft_cached`` records how far it got.
 """
 
 from __future__ import annotations

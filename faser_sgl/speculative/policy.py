@@ -16,24 +16,35 @@ from faser_sgl.managers.request import Request
 class SpeculationPolicy(Protocol):
     name: str
 
-    def choose_lengths(self, reqs: list[Request]) -> list[int]:
-        """Draft length per request for this step (0 = plain decode for that request)."""
+    def choose_lengths(self, reqs: list[Request], step_tokens: int = 0) -> list[int]:
+        """Draft length per request for this step (0 = plain decode for that request).
+        ``step_tokens``: tokens the target pass carries anyway (decodes' own + prefill)."""
 
     def observe(self, req: Request, num_drafted: int, num_accepted: int) -> None:
         """Feedback after verification, for policies that adapt."""
 
+    def observe_forward(self, model: str, num_tokens: int, seconds: float) -> None:
+        """Measured time of one forward pass of "target" or "draft", for cost-aware policies."""
 
-class NoSpeculation:
-    name = "none"
 
-    def choose_lengths(self, reqs: list[Request]) -> list[int]:
-        return [0] * len(reqs)
+class _StaticPolicy:
+    """A policy that learns nothing from feedback."""
 
     def observe(self, req: Request, num_drafted: int, num_accepted: int) -> None:
         pass
 
+    def observe_forward(self, model: str, num_tokens: int, seconds: float) -> None:
+        pass
 
-class FixedLength:
+
+class NoSpeculation(_StaticPolicy):
+    name = "none"
+
+    def choose_lengths(self, reqs: list[Request], step_tokens: int = 0) -> list[int]:
+        return [0] * len(reqs)
+
+
+class FixedLength(_StaticPolicy):
     """The baseline: every request drafts K tokens every step, then verifies."""
 
     name = "fixed"
@@ -43,13 +54,10 @@ class FixedLength:
             raise ValueError(f"--speculative-num-draft-tokens must be at least 1, got {num_draft_tokens}")
         self.k = num_draft_tokens
 
-    def choose_lengths(self, reqs: list[Request]) -> list[int]:
+    def choose_lengths(self, reqs: list[Request], step_tokens: int = 0) -> list[int]:
         # A request may pin its own K (sampling_params.custom_params.num_draft_tokens): that is
         # how a single batch mixes lengths for the ragged-verification tests.
         return [r.requested_draft_len if r.requested_draft_len is not None else self.k for r in reqs]
-
-    def observe(self, req: Request, num_drafted: int, num_accepted: int) -> None:
-        pass
 
 
 def make_policy(name: str, num_draft_tokens: int | None) -> SpeculationPolicy:
@@ -57,6 +65,10 @@ def make_policy(name: str, num_draft_tokens: int | None) -> SpeculationPolicy:
         return NoSpeculation()
     if name == "fixed":
         return FixedLength(num_draft_tokens if num_draft_tokens is not None else 4)
+    if name == "adaptive":
+        from faser_sgl.speculative.adaptive import AdaptiveLength
+
+        return AdaptiveLength(num_draft_tokens if num_draft_tokens is not None else 4)
     if name == "faser":
-        raise ValueError("--speculative-policy faser is not implemented yet (use none or fixed)")
-    raise ValueError(f"unknown --speculative-policy {name!r}; choose none, fixed or faser")
+        raise ValueError("--speculative-policy faser is not implemented yet (use none, fixed or adaptive)")
+    raise ValueError(f"unknown --speculative-policy {name!r}; choose none, fixed, adaptive or faser")

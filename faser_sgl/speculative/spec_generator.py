@@ -9,11 +9,16 @@ One step, for the requests that decode this step:
   4. accept/reject (greedy: longest matching prefix; sampling: rejection sampling) emits
      a_i accepted drafts plus one token from the target;
   5. the slots of rejected drafts go back to the pool (both caches share them).
-Prefill chunks ride along in the same target pass and are fed to the draft model too, so both
-caches always cover the same committed tokens.
+Prefill chunks ride along in the same target pass.  The draft model is fed lazily: a request
+that drafts nothing this step (or is still in prefill) costs the draft nothing; the first pass of
+its next drafting step feeds everything the draft has not seen, in one ragged pass.  So a policy
+that chooses k = 0 pays nothing for the draft model.  Every forward pass is timed and reported to
+the policy (cost-aware policies fit their cost model to it).
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -34,11 +39,14 @@ class SpeculativeGenerator:
         self.num_verify_steps = 0
         self.num_drafted = 0
         self.num_accepted = 0
-        self.on_verify = None  # optional callback(drafted, accepted), e.g. Prometheus metrics
+        # Optional callbacks, e.g. Prometheus metrics: (drafted, accepted) per verified request,
+        # and the lengths chosen for the step's decodes.
+        self.on_verify = None
+        self.on_draft_lengths = None
 
     # -- draft length ------------------------------------------------------------------------
-    def _draft_lengths(self, decodes: list[Request]) -> list[int]:
-        wanted = self.policy.choose_lengths(decodes)
+    def _draft_lengths(self, decodes: list[Request], step_tokens: int) -> list[int]:
+        wanted = self.policy.choose_lengths(decodes, step_tokens)
         lengths = []
         for req, k in zip(decodes, wanted):
             # One token always comes from the target, so at most remaining-1 drafts are useful.
@@ -58,9 +66,11 @@ class SpeculativeGenerator:
         if not chunks:
             return {}
         decodes = [c.req for c in chunks if c.needs_logits and len(c.tokens) == 1]
-        lengths = self._draft_lengths(decodes)
+        lengths = self._draft_lengths(decodes, sum(len(c.tokens) for c in chunks))
+        if self.on_draft_lengths is not None and lengths:
+            self.on_draft_lengths(lengths)
         k_of = {id(r): k for r, k in zip(decodes, lengths)}
-        drafts, draft_probs = self._run_draft(chunks, decodes, lengths)
+        drafts, draft_probs = self._run_draft(decodes, lengths)
 
         # Target pass: prefill chunks as planned; decodes feed newest token + drafts.
         feeds, slot_lists, rows = [], [], []
@@ -73,7 +83,7 @@ class SpeculativeGenerator:
                 rows.append(list(range(len(tokens) - 1 - k, len(tokens))))
             else:
                 rows.append([])
-        logits = self.target.forward(ForwardBatch.build(feeds, slot_lists, rows))
+        logits = self._timed("target", feeds, self.target.forward, ForwardBatch.build(feeds, slot_lists, rows))
 
         out: dict[Request, list[int]] = {}
         offset = 0
@@ -102,35 +112,28 @@ class SpeculativeGenerator:
                 if self.on_verify is not None:
                     self.on_verify(k, accepted)
             out[req] = emitted
-        # Prefill-only chunks: the draft saw them in _run_draft, nothing to emit.
+        # Prefill-only chunks: nothing to emit (the draft sees their tokens when they draft).
         return out
 
-    def _run_draft(self, chunks, decodes, lengths):
+    def _run_draft(self, decodes, lengths):
         """Autoregressive draft passes; returns per-request draft tokens and their q rows."""
         drafts: dict[int, list[int]] = {id(r): [] for r in decodes}
         probs: dict[int, list[torch.Tensor]] = {id(r): [] for r in decodes}
         k_of = {id(r): k for r, k in zip(decodes, lengths)}
-        # Pass 0 also catches the draft cache up: every chunk's request feeds whatever committed
-        # tokens the draft has not seen (prefill chunks included), so both caches stay in step.
-        feeds, slot_lists, active = [], [], []
-        for c in chunks:
-            req = c.req
-            committed = len(req.kv_slots) - k_of.get(id(req), 0)
-            if req.draft_cached >= committed:
-                continue
+        step_reqs = [r for r, k in zip(decodes, lengths) if k > 0]
+        if not step_reqs:
+            return drafts, probs
+        # Pass 0 catches the draft cache up: each drafting request feeds every committed token
+        # the draft has not seen (its whole prompt after a prefill, a few tokens after steps
+        # without drafting, at least its newest token), and its last row gives d_1.
+        feeds, slot_lists = [], []
+        for req in step_reqs:
+            committed = len(req.kv_slots) - k_of[id(req)]
             feeds.append(req.all_ids[req.draft_cached:committed])
             slot_lists.append(req.kv_slots[:committed])
-            active.append(req)
-        if not feeds:
-            return drafts, probs
-        logits = self.draft.forward(feeds, slot_lists)
-        for req in active:
-            req.draft_cached = len(req.kv_slots) - k_of.get(id(req), 0)
-        step_reqs = [r for r in active if k_of.get(id(r), 0) > 0]
-        step_logits = logits[[active.index(r) for r in step_reqs]] if step_reqs else None
-        for s in range(max(lengths, default=0)):
-            if not step_reqs:
-                break
+            req.draft_cached = committed
+        step_logits = self._timed("draft", feeds, self.draft.forward, feeds, slot_lists)
+        for _ in range(max(lengths)):
             tokens = self._draft_sample(step_reqs, step_logits, drafts, probs)
             nxt = [(r, t) for r, t in zip(step_reqs, tokens) if len(drafts[id(r)]) < k_of[id(r)]]
             if not nxt:
@@ -141,8 +144,17 @@ class SpeculativeGenerator:
                 slot_lists.append(r.kv_slots[: r.draft_cached + 1])
                 r.draft_cached += 1
             step_reqs = [r for r, _ in nxt]
-            step_logits = self.draft.forward(feeds, slot_lists)
+            step_logits = self._timed("draft", feeds, self.draft.forward, feeds, slot_lists)
         return drafts, probs
+
+    def _timed(self, model: str, feeds: list[list[int]], forward, *args) -> torch.Tensor:
+        """Run one forward pass and report its wall time and token count to the policy."""
+        start = time.perf_counter()
+        logits = forward(*args)
+        if logits.is_cuda:
+            torch.cuda.synchronize(logits.device)  # kernels are asynchronous: time their end
+        self.policy.observe_forward(model, sum(len(f) for f in feeds), time.perf_counter() - start)
+        return logits
 
     def _draft_sample(self, reqs, logits, drafts, probs) -> list[int]:
         """Sample each request's next draft token from q (its final draft distribution), drawing

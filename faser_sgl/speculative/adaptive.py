@@ -1,0 +1,192 @@
+"""Adaptive per-request draft lengths (the first FASER mechanism).
+
+Each step the policy picks k_i for every decoding request so as to maximise the step's expected
+goodput: expected emitted tokens divided by the step's predicted time.
+
+- Expected tokens.  Request i's drafts are accepted one by one with probability a_i each (the
+  usual i.i.d. model), so verifying k drafts emits E(k) = 1 + a + ... + a^k tokens (the last
+  from the target).  a_i is estimated from that request's own verifications, with a decaying
+  memory (acceptance drifts within a generation) and a prior for requests with few samples.
+- Step time.  One target pass over all the step's tokens plus one draft pass per draft
+  position, each priced by a cost curve measured online from the executor's forward passes
+  (``CostCurve``).  The load enters here: the target pass already carries every decode's own
+  token and any prefill chunks, so a draft token is priced at the margin of a big pass under
+  load and of a small one when the server is quiet.
+- Choice.  Starting from k = 0 for all, the planner adds one draft token at a time to the
+  request whose increment raises goodput most, and stops when no increment helps.  On hardware
+  where verifying more rows is nearly free (a GPU at small batch) this drafts long; where each
+  extra row costs nearly a full row (a CPU without matrix units) it drafts little or nothing.
+
+A request whose estimate says "do not draft" is not observed any more, so its estimate slowly
+returns to the prior while it waits; it is probed again when the prior makes drafting pay.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+from faser_sgl.managers.request import Request
+
+
+class CostCurve:
+    """Measured seconds of a forward pass against its token count.
+
+    A single line does not fit: on a CPU one decode row costs far more per token than a
+    300-token prefill chunk, and on a GPU small passes cost the same whatever their size.  So the
+    curve keeps a moving average per size bucket (exact sizes up to 8 tokens, then four buckets
+    per doubling) and interpolates linearly between observed buckets; the marginal cost of one
+    more token is then read where the step actually is.  Buckets keep their last estimate when
+    the load moves away, so a cost once measured is remembered.  Before any measurement the
+    prior ``fixed_s + per_token_s * tokens`` answers."""
+
+    SMOOTHING = 0.25  # weight of a new measurement in its bucket's average
+
+    def __init__(self, fixed_s: float, per_token_s: float):
+        self.prior = (fixed_s, per_token_s)
+        self._buckets: dict[int, list[float]] = {}  # bucket -> [mean tokens, mean seconds]
+        self._sorted: list[list[float]] | None = None  # by tokens, rebuilt after observe()
+
+    @staticmethod
+    def _bucket(tokens: int) -> int:
+        return tokens if tokens <= 8 else round(4 * math.log2(tokens))
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        point = self._buckets.get(self._bucket(tokens))
+        if point is None:
+            self._buckets[self._bucket(tokens)] = [float(tokens), seconds]
+        else:
+            point[0] += self.SMOOTHING * (tokens - point[0])
+            point[1] += self.SMOOTHING * (seconds - point[1])
+        self._sorted = None
+
+    def predict(self, tokens: int) -> float:
+        if self._sorted is None:
+            self._sorted = sorted(self._buckets.values())
+            self._keys = [p[0] for p in self._sorted]
+        points = self._sorted
+        if not points:
+            return self.prior[0] + self.prior[1] * tokens
+        if len(points) == 1:
+            (n0, s0), = points
+            return max(0.0, s0 + self.prior[1] * (tokens - n0))
+        i = bisect.bisect_left(self._keys, tokens)
+        i = min(max(i, 1), len(points) - 1)  # interpolate inside, extrapolate the end segments
+        (n0, s0), (n1, s1) = points[i - 1], points[i]
+        slope = max(0.0, (s1 - s0) / (n1 - n0)) if n1 > n0 else 0.0
+        return max(0.0, s0 + slope * (tokens - n0))
+
+
+def expected_tokens(accept_rate: float, k: int) -> float:
+    """1 + a + a^2 + ... + a^k: tokens one verification of k drafts emits on average."""
+    return sum(accept_rate ** j for j in range(k + 1))
+
+
+class AdaptiveLength:
+    name = "adaptive"
+
+    # Acceptance estimate: prior mean and its weight in pseudo-trials, decay of old samples per
+    # verification, and per step while the request does not draft (drift back to the prior).
+    PRIOR_RATE = 0.7
+    PRIOR_TRIALS = 2.0
+    DECAY = 0.8
+    IDLE_DECAY = 0.9
+
+    def __init__(self, max_draft_tokens: int):
+        if max_draft_tokens < 1:
+            raise ValueError(f"--speculative-num-draft-tokens must be at least 1, got {max_draft_tokens}")
+        self.max_k = max_draft_tokens
+        # Priors in seconds; the first measured passes replace them.
+        self.target_cost = CostCurve(fixed_s=0.02, per_token_s=0.002)
+        self.draft_cost = CostCurve(fixed_s=0.01, per_token_s=0.001)
+
+    # -- feedback ------------------------------------------------------------------------------
+    def accept_rate(self, req: Request) -> float:
+        successes, trials = req.spec_accept_stats
+        return (successes + self.PRIOR_RATE * self.PRIOR_TRIALS) / (trials + self.PRIOR_TRIALS)
+
+    def observe(self, req: Request, num_drafted: int, num_accepted: int) -> None:
+        successes, trials = req.spec_accept_stats
+        # Drafts are tested in order until the first rejection: num_accepted successes, then one
+        # failure unless all were accepted.
+        tested = num_accepted + (1 if num_accepted < num_drafted else 0)
+        req.spec_accept_stats = (successes * self.DECAY + num_accepted, trials * self.DECAY + tested)
+
+    def observe_forward(self, model: str, num_tokens: int, seconds: float) -> None:
+        (self.target_cost if model == "target" else self.draft_cost).observe(num_tokens, seconds)
+
+    # -- choice --------------------------------------------------------------------------------
+    def choose_lengths(self, reqs: list[Request], step_tokens: int = 0) -> list[int]:
+        """``step_tokens``: tokens the target pass carries without any draft (each decode's own
+        token plus prefill chunks), i.e. the load this step's drafts are added to."""
+        if not reqs:
+            return []
+        caps = [min(self.max_k, r.requested_draft_len) if r.requested_draft_len is not None else self.max_k
+                for r in reqs]
+        plan = _StepPlan(self, [self.accept_rate(r) for r in reqs], max(step_tokens, len(reqs)))
+        # Start from the best uniform length: a draft pass has a fixed cost that one request's
+        # gain rarely pays alone, so growing lengths one token at a time from zero would stop
+        # short of a length that pays once every request drafts.
+        uniform = max(range(self.max_k + 1), key=lambda k: plan.goodput_of([min(k, c) for c in caps]))
+        plan.reset([min(uniform, c) for c in caps])
+        # Then per request: add a draft token where it pays, remove one where it does not.
+        for _ in range(2 * self.max_k + 2):
+            changed = False
+            for i in range(len(reqs)):
+                for step in (+1, -1):
+                    if 0 <= plan.lengths[i] + step <= caps[i] and plan.gain_of(i, step) > 0:
+                        plan.apply(i, step)
+                        changed = True
+            if not changed:
+                break
+        for req, k in zip(reqs, plan.lengths):
+            if k == 0:
+                successes, trials = req.spec_accept_stats
+                req.spec_accept_stats = (successes * self.IDLE_DECAY, trials * self.IDLE_DECAY)
+        return plan.lengths
+
+
+class _StepPlan:
+    """Draft lengths of one step with their expected tokens and predicted time, updated one
+    token at a time so that trying a change costs O(max_k), not O(batch)."""
+
+    def __init__(self, policy: AdaptiveLength, rates: list[float], step_tokens: int):
+        self.policy = policy
+        self.rates = rates
+        self.step_tokens = step_tokens
+        self.reset([0] * len(rates))
+
+    def reset(self, lengths: list[int]) -> None:
+        self.lengths = list(lengths)
+        self.tokens = sum(expected_tokens(a, k) for a, k in zip(self.rates, lengths))
+        self.target_tokens = self.step_tokens + sum(lengths)
+        # rows[s]: requests taking part in draft pass s (those with k > s).
+        self.rows = [sum(k > s for k in lengths) for s in range(self.policy.max_k)]
+        self.goodput = self._goodput(self.tokens, self.target_tokens, self.rows)
+
+    def _goodput(self, tokens: float, target_tokens: int, rows: list[int]) -> float:
+        seconds = self.policy.target_cost.predict(target_tokens)
+        seconds += sum(self.policy.draft_cost.predict(n) for n in rows if n)
+        return tokens / max(seconds, 1e-9)
+
+    def goodput_of(self, lengths: list[int]) -> float:
+        self.reset(lengths)
+        return self.goodput
+
+    def _changed(self, i: int, step: int) -> tuple[float, int, list[int]]:
+        k = self.lengths[i]
+        rows = list(self.rows)
+        if step > 0:
+            rows[k] += 1
+            return self.tokens + self.rates[i] ** (k + 1), self.target_tokens + 1, rows
+        rows[k - 1] -= 1
+        return self.tokens - self.rates[i] ** k, self.target_tokens - 1, rows
+
+    def gain_of(self, i: int, step: int) -> float:
+        """How much goodput changing request i's length by ``step`` adds (relative)."""
+        return self._goodput(*self._changed(i, step)) / self.goodput - 1.0 - 1e-9
+
+    def apply(self, i: int, step: int) -> None:
+        self.tokens, self.target_tokens, self.rows = self._changed(i, step)
+        self.lengths[i] += step
+        self.goodput = self._goodput(self.tokens, self.target_tokens, self.rows)
