@@ -41,6 +41,7 @@ class OfflineEngine:
             draft = DraftWorker(draft_path, self.runner, dtype, "cpu", "torch")
             self.generator = SpeculativeGenerator(self.runner, draft, self.sampler, self.policy,
                                                   self.runner.allocator)
+            self.generator.calibrate()
         else:
             self.generator = TargetOnlyGenerator(self.runner, self.sampler)
         self.stop_checker = StopChecker(None)

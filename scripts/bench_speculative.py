@@ -83,6 +83,7 @@ def main() -> None:
         if k is not None:
             engine.num_draft_tokens = k
             spec_gen.policy = AdaptiveLength(k) if adaptive else FixedLength(k)
+            spec_gen.calibrate()  # what the server does at start for a cost-aware policy
             spec_gen.num_verify_steps = spec_gen.num_drafted = spec_gen.num_accepted = 0
 
     use(None)

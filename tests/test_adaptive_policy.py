@@ -143,6 +143,24 @@ def test_adaptive_greedy_output_identical_to_target_only(pair, draft_kind):
         assert any(len(set(ks)) > 1 for ks in chosen), "lengths never differed between requests"
 
 
+def test_calibration_times_every_verification_size_and_frees_its_slots(pair):
+    """Before serving, the generator times the passes the adaptive policy asks for (every
+    verification size of a lone request, then batch sizes) on scratch slots it gives back."""
+    target, draft = pair
+    engine = Engine(target, draft, k=3, slots=48, policy="adaptive")  # 64 tokens do not fit
+    assert engine.runner.allocator.num_used == 0
+    seen: list[tuple[str, int, float]] = []
+    engine.policy.observe_forward = lambda model, n, s: seen.append((model, n, s))
+    assert engine.generator.calibrate(repeats=2) > 0
+    assert [n for m, n, _ in seen if m == "target"] == [1, 2, 3, 4, 8, 16, 32] * 2
+    assert [n for m, n, _ in seen if m == "draft"] == [1, 2, 4, 8, 16, 32] * 2
+    assert all(s > 0 for _, _, s in seen)
+    assert engine.runner.allocator.num_used == 0
+    # A policy that ignores costs gets no calibration passes.
+    fixed = Engine(target, draft, k=3, policy="fixed")
+    assert fixed.generator.calibrate() == 0.0
+
+
 @pytest.fixture(scope="module")
 def adaptive_server(pair, tmp_path_factory):
     from server_utils import start_server

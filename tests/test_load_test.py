@@ -99,6 +99,24 @@ def test_harness_csv_plots_and_report(harness_run):
     assert (out / "results.md").read_text() == report
 
 
+def test_harness_measures_a_running_server(tiny_server, tmp_path):
+    """--base-url: the harness measures a server someone else started and leaves it running."""
+    from faser_sgl.bench.cli import run
+
+    args = parse_args(["--base-url", tiny_server.base_url, "--label", "external",
+                       "--request-rates", "8", "--num-prompts", "4", "--bursty-num-prompts", "0",
+                       "--output-len", "6", "--max-prompt-len", "600", "--output-dir", str(tmp_path),
+                       "--no-progress"])
+    files = run(args, [])
+    _, results = json.loads(files["json"].read_text()).values()
+    assert [(r["setting"], r["workload"], r["rate"]) for r in results] == [("external", "poisson", 8.0)]
+    assert results[0]["metrics"]["completed"] == 4 and results[0]["failed"] == 0
+    assert tiny_server.proc.poll() is None  # still serving
+    tiny_server.wait_kv_free()
+    assert (tmp_path / "poisson_sweep.png").read_bytes().startswith(PNG_MAGIC)
+    assert not (tmp_path / "bursty.png").exists()
+
+
 def test_poisson_arrivals_have_the_asked_rate():
     arrivals = poisson_arrivals(20_000, 2.5, np.random.default_rng(0))
     gaps = np.diff(arrivals)

@@ -98,6 +98,10 @@ class Scheduler:
             draft = DraftWorker(options.speculative_draft_model_path, self.runner, self.dtype,
                                 self.device, options.attention_backend)
             self.generator = SpeculativeGenerator(self.runner, draft, self.sampler, self.policy, self.allocator)
+            seconds = self.generator.calibrate()
+            if seconds:
+                logger.info("timed target and draft passes for the %s policy's cost model in %.1fs",
+                            self.policy.name, seconds)
         else:
             self.generator = TargetOnlyGenerator(self.runner, self.sampler)
         self.stop_checker = StopChecker(self.tokenizer)

@@ -8,12 +8,13 @@ goodput: expected emitted tokens divided by the step's predicted time.
   from the target).  a_i is estimated from that request's own verifications, with a decaying
   memory (acceptance drifts within a generation) and a prior for requests with few samples.
 - Step time.  One target pass over all the step's tokens plus one draft pass per draft
-  position, each priced by a cost curve measured online from the executor's forward passes
-  (``CostCurve``).  The load enters here: the target pass already carries every decode's own
+  position, each priced by a cost curve measured from the executor's forward passes
+  (``CostCurve``): first a calibration before serving (``calibration_sizes``), then every pass
+  the server runs.  The load enters here: the target pass already carries every decode's own
   token and any prefill chunks, so a draft token is priced at the margin of a big pass under
   load and of a small one when the server is quiet.
-- Choice.  Starting from k = 0 for all, the planner adds one draft token at a time to the
-  request whose increment raises goodput most, and stops when no increment helps.  On hardware
+- Choice.  The planner starts from the best uniform length for the step, then moves each
+  request's length up or down by one token while that raises goodput.  On hardware
   where verifying more rows is nearly free (a GPU at small batch) this drafts long; where each
   extra row costs nearly a full row (a CPU without matrix units) it drafts little or nothing.
 
@@ -46,6 +47,7 @@ class CostCurve:
         self.prior = (fixed_s, per_token_s)
         self._buckets: dict[int, list[float]] = {}  # bucket -> [mean tokens, mean seconds]
         self._sorted: list[list[float]] | None = None  # by tokens, rebuilt after observe()
+        self._keys: list[float] = []  # token counts of self._sorted, for bisect
 
     @staticmethod
     def _bucket(tokens: int) -> int:
@@ -114,6 +116,14 @@ class AdaptiveLength:
 
     def observe_forward(self, model: str, num_tokens: int, seconds: float) -> None:
         (self.target_cost if model == "target" else self.draft_cost).observe(num_tokens, seconds)
+
+    def calibration_sizes(self) -> tuple[list[int], list[int]]:
+        # Every verification size of a lone request (1..K+1 tokens): on a CPU the cost jumps
+        # between neighbouring small sizes (2 rows can cost what 1 does, 4 rows twice that), which
+        # no interpolation guesses; then batch sizes a few steps apart for the load.
+        target = sorted(set(range(1, self.max_k + 2)) | {8, 16, 32, 64})
+        draft = [1, 2, 4, 8, 16, 32]
+        return target, draft
 
     # -- choice --------------------------------------------------------------------------------
     def choose_lengths(self, reqs: list[Request], step_tokens: int = 0) -> list[int]:

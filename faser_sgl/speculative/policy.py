@@ -26,6 +26,10 @@ class SpeculationPolicy(Protocol):
     def observe_forward(self, model: str, num_tokens: int, seconds: float) -> None:
         """Measured time of one forward pass of "target" or "draft", for cost-aware policies."""
 
+    def calibration_sizes(self) -> tuple[list[int], list[int]]:
+        """Token counts of the target and draft passes to time before serving (see
+        SpeculativeGenerator.calibrate); empty lists for policies that ignore costs."""
+
 
 class _StaticPolicy:
     """A policy that learns nothing from feedback."""
@@ -35,6 +39,9 @@ class _StaticPolicy:
 
     def observe_forward(self, model: str, num_tokens: int, seconds: float) -> None:
         pass
+
+    def calibration_sizes(self) -> tuple[list[int], list[int]]:
+        return [], []
 
 
 class NoSpeculation(_StaticPolicy):

@@ -44,6 +44,55 @@ class SpeculativeGenerator:
         self.on_verify = None
         self.on_draft_lengths = None
 
+    # -- cost calibration --------------------------------------------------------------------
+    def calibrate(self, repeats: int = 2) -> float:
+        """Time target and draft passes of the token counts the policy asks for, on scratch KV
+        slots, so that a cost-aware policy's first choices rest on this machine's measured costs
+        instead of its priors (a prior that calls verification nearly free drafts long on a CPU
+        where it is not).  Target passes are one sequence with logits on every row, as a
+        verification has; draft passes are that many one-token requests, as a draft step has.
+        Returns the seconds spent (0 when the policy asks for nothing)."""
+        target_sizes, draft_sizes = self.policy.calibration_sizes()
+        budget = self.allocator.num_free
+        target_sizes = [n for n in target_sizes if n <= budget]
+        draft_sizes = [n for n in draft_sizes if n <= budget]
+        if not target_sizes and not draft_sizes:
+            return 0.0
+        start = time.perf_counter()
+        slots = self.allocator.alloc(max(target_sizes + draft_sizes))
+
+        def target_pass(n: int, timed: bool = True) -> None:
+            feeds = [[0] * n]
+            batch = ForwardBatch.build(feeds, [slots[:n]], [list(range(n))])
+            if timed:
+                self._timed("target", feeds, self.target.forward, batch)
+            else:
+                self.target.forward(batch)
+
+        def draft_pass(n: int, timed: bool = True) -> None:
+            feeds = [[0]] * n
+            lists = [[s] for s in slots[:n]]
+            if timed:
+                self._timed("draft", feeds, self.draft.forward, feeds, lists)
+            else:
+                self.draft.forward(feeds, lists)
+
+        try:
+            # One untimed pass each first: one-time costs (kernel selection, buffer growth) are
+            # not what a step costs.
+            if target_sizes:
+                target_pass(target_sizes[0], timed=False)
+            if draft_sizes:
+                draft_pass(draft_sizes[0], timed=False)
+            for _ in range(repeats):
+                for n in target_sizes:
+                    target_pass(n)
+                for n in draft_sizes:
+                    draft_pass(n)
+        finally:
+            self.allocator.free(slots)
+        return time.perf_counter() - start
+
     # -- draft length ------------------------------------------------------------------------
     def _draft_lengths(self, decodes: list[Request], step_tokens: int) -> list[int]:
         wanted = self.policy.choose_lengths(decodes, step_tokens)
