@@ -187,6 +187,10 @@ def test_adaptive_server_is_lossless_and_reports_its_choices(adaptive_server):
             "input_ids": prompt, "sampling_params": {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}})
         assert r.status_code == 200, r.text
         assert r.json()["output_ids"] == hf_greedy(hf, prompt, 16)
+        meta = r.json()["meta_info"]
+        if meta.get("spec_verify_ct"):
+            # Per verification pass, not per decode step: steps with k = 0 do not count.
+            assert 1.0 <= meta["spec_accept_length"] <= 4 + 1
     state = server.wait_kv_free()
     assert state["speculative_policy"] == "adaptive"
     after = scrape(server)

@@ -48,7 +48,9 @@ def test_ragged_speculation_is_lossless_and_frees_kv(spec_server):
             assert meta["spec_verify_ct"] > 0
             assert meta["spec_num_proposed_drafts"] > 0
             assert 0.0 <= meta["spec_accept_rate"] <= 1.0
-            assert meta["spec_accept_length"] == pytest.approx(20 / meta["spec_verify_ct"])
+            assert meta["spec_accept_length"] == pytest.approx(
+                1 + meta["spec_num_correct_drafts"] / meta["spec_verify_ct"])
+            assert 1.0 <= meta["spec_accept_length"] <= i + 2  # at most K = i + 1 drafts, + 1
     state = server.wait_kv_free()
     assert state["kv_used_slots"] == 0
     assert state["speculative_policy"] == "fixed"

@@ -27,8 +27,12 @@ class FaserTokenizerManager(TokenizerManager):
         verify_ct = values.get("spec_verify_ct", 0)
         proposed = values.get("spec_num_proposed_drafts", 0)
         if verify_ct > 0:
-            # SGLang's definitions: tokens per verification pass, and accepted / proposed drafts.
-            meta_info["spec_accept_length"] = meta_info.get("completion_tokens", 0) / verify_ct
+            # Tokens per verification pass (accepted drafts + the target's own token), and
+            # accepted / proposed drafts.  SGLang divides completion_tokens by verify_ct, which is
+            # the same only when every decode step verifies; an adaptive policy also runs plain
+            # decode steps (k = 0), whose tokens are no verification's.
+            correct = values.get("spec_num_correct_drafts", 0)
+            meta_info["spec_accept_length"] = (correct + verify_ct) / verify_ct
         if proposed > 0:
             meta_info["spec_accept_rate"] = values.get("spec_num_correct_drafts", 0) / proposed
 
