@@ -99,6 +99,26 @@ def test_lengths_differ_per_request_and_an_idle_request_is_probed_again():
     assert step > 3  # not immediately: its record was bad
 
 
+def test_a_lagging_draft_is_caught_up_only_when_the_rest_of_the_request_repays_it():
+    """Just after a 400-token prefill the draft model has seen none of the prompt; its first
+    drafting step must feed all of it.  Worth it for a long generation, not for 3 more tokens."""
+    policy = AdaptiveLength(4)
+    teach_costs(policy, target=(0.030, 1e-4), draft=(0.005, 0.0005))
+
+    def after_prefill(max_new_tokens: int, draft_seen: int = 0) -> Request:
+        req = Request(rid=str(max_new_tokens), http_worker_ipc=None, prompt_ids=list(range(400)),
+                      stop=StopConditions(max_new_tokens=max_new_tokens, stop_token_ids=frozenset()),
+                      sampling=None, stream=False)
+        req.output_ids, req.kv_slots, req.draft_cached = [7], list(range(401)), draft_seen
+        for _ in range(5):
+            policy.observe(req, 4, 4)
+        return req
+
+    assert policy.choose_lengths([after_prefill(4)], step_tokens=1) == [0]
+    assert policy.choose_lengths([after_prefill(1000)], step_tokens=1) == [4]
+    assert policy.choose_lengths([after_prefill(4, draft_seen=400)], step_tokens=1) == [4]
+
+
 def test_drafts_shrink_as_the_batch_grows():
     """Low load: the pass's fixed cost dominates, so drafting is nearly free.  High load: a draft
     token must beat the average row of a full batch, so drafts get short or vanish."""

@@ -18,6 +18,10 @@ goodput: expected emitted tokens divided by the step's predicted time.
   where verifying more rows is nearly free (a GPU at small batch) this drafts long; where each
   extra row costs nearly a full row (a CPU without matrix units) it drafts little or nothing.
 
+A request the draft model lags behind (after its prefill, or after steps without drafting) is
+also charged its share of the catch-up: the draft pass that feeds its unseen tokens, spread over
+the tokens it may still emit.
+
 A request whose estimate says "do not draft" is not observed any more, so its estimate slowly
 returns to the prior while it waits; it is probed again when the prior makes drafting pay.
 """
@@ -125,6 +129,20 @@ class AdaptiveLength:
         draft = [1, 2, 4, 8, 16, 32]
         return target, draft
 
+    def catch_up_per_token(self, req: Request) -> float:
+        """Seconds per emitted token that drafting costs ``req`` beyond its share of the draft
+        passes: the draft model has not seen ``lag`` of its tokens (its whole prompt, just after
+        prefill), and its first drafting step feeds them all.  That is paid once and serves every
+        later drafting step, so it is spread over the tokens the request may still emit; a
+        request that lags far and has little left to generate (or a gain too thin to repay it)
+        is not started."""
+        lag = len(req.kv_slots) - req.draft_cached
+        if lag <= 1:
+            return 0.0
+        extra = self.draft_cost.predict(lag) - self.draft_cost.predict(1)
+        remaining = max(1, req.stop.max_new_tokens - len(req.output_ids))
+        return max(0.0, extra) / remaining
+
     # -- choice --------------------------------------------------------------------------------
     def choose_lengths(self, reqs: list[Request], step_tokens: int = 0) -> list[int]:
         """``step_tokens``: tokens the target pass carries without any draft (each decode's own
@@ -133,7 +151,8 @@ class AdaptiveLength:
             return []
         caps = [min(self.max_k, r.requested_draft_len) if r.requested_draft_len is not None else self.max_k
                 for r in reqs]
-        plan = _StepPlan(self, [self.accept_rate(r) for r in reqs], max(step_tokens, len(reqs)))
+        plan = _StepPlan(self, [self.accept_rate(r) for r in reqs], max(step_tokens, len(reqs)),
+                         [self.catch_up_per_token(r) for r in reqs])
         # Start from the best uniform length: a draft pass has a fixed cost that one request's
         # gain rarely pays alone, so growing lengths one token at a time from zero would stop
         # short of a length that pays once every request drafts.
@@ -160,11 +179,16 @@ class _StepPlan:
     """Draft lengths of one step with their expected tokens and predicted time, updated one
     token at a time so that trying a change costs O(max_k), not O(batch)."""
 
-    def __init__(self, policy: AdaptiveLength, rates: list[float], step_tokens: int):
+    def __init__(self, policy: AdaptiveLength, rates: list[float], step_tokens: int,
+                 catch_up: list[float]):
         self.policy = policy
         self.rates = rates
         self.step_tokens = step_tokens
+        self.catch_up = catch_up  # seconds per emitted token, charged while k > 0
         self.reset([0] * len(rates))
+
+    def _catch_up_of(self, i: int, k: int) -> float:
+        return self.catch_up[i] * expected_tokens(self.rates[i], k) if k else 0.0
 
     def reset(self, lengths: list[int]) -> None:
         self.lengths = list(lengths)
@@ -172,10 +196,11 @@ class _StepPlan:
         self.target_tokens = self.step_tokens + sum(lengths)
         # rows[s]: requests taking part in draft pass s (those with k > s).
         self.rows = [sum(k > s for k in lengths) for s in range(self.policy.max_k)]
-        self.goodput = self._goodput(self.tokens, self.target_tokens, self.rows)
+        self.extra_s = sum(self._catch_up_of(i, k) for i, k in enumerate(lengths))
+        self.goodput = self._goodput(self.tokens, self.target_tokens, self.rows, self.extra_s)
 
-    def _goodput(self, tokens: float, target_tokens: int, rows: list[int]) -> float:
-        seconds = self.policy.target_cost.predict(target_tokens)
+    def _goodput(self, tokens: float, target_tokens: int, rows: list[int], extra_s: float) -> float:
+        seconds = self.policy.target_cost.predict(target_tokens) + extra_s
         seconds += sum(self.policy.draft_cost.predict(n) for n in rows if n)
         return tokens / max(seconds, 1e-9)
 
@@ -183,20 +208,21 @@ class _StepPlan:
         self.reset(lengths)
         return self.goodput
 
-    def _changed(self, i: int, step: int) -> tuple[float, int, list[int]]:
+    def _changed(self, i: int, step: int) -> tuple[float, int, list[int], float]:
         k = self.lengths[i]
         rows = list(self.rows)
+        extra_s = self.extra_s - self._catch_up_of(i, k) + self._catch_up_of(i, k + step)
         if step > 0:
             rows[k] += 1
-            return self.tokens + self.rates[i] ** (k + 1), self.target_tokens + 1, rows
+            return self.tokens + self.rates[i] ** (k + 1), self.target_tokens + 1, rows, extra_s
         rows[k - 1] -= 1
-        return self.tokens - self.rates[i] ** k, self.target_tokens - 1, rows
+        return self.tokens - self.rates[i] ** k, self.target_tokens - 1, rows, extra_s
 
     def gain_of(self, i: int, step: int) -> float:
         """How much goodput changing request i's length by ``step`` adds (relative)."""
         return self._goodput(*self._changed(i, step)) / self.goodput - 1.0 - 1e-9
 
     def apply(self, i: int, step: int) -> None:
-        self.tokens, self.target_tokens, self.rows = self._changed(i, step)
+        self.tokens, self.target_tokens, self.rows, self.extra_s = self._changed(i, step)
         self.lengths[i] += step
-        self.goodput = self._goodput(self.tokens, self.target_tokens, self.rows)
+        self.goodput = self._goodput(self.tokens, self.target_tokens, self.rows, self.extra_s)
