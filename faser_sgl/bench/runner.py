@@ -69,7 +69,6 @@ def run_workload(base_url: str, workload: Workload, tokenizer, temperature: floa
     after = server_counters(base_url)
     metrics, _ = serving.calculate_metrics(rows, outputs, duration, tokenizer, "sglang")
     spec = {name: after[name] - before[name] for name in SPEC_COUNTERS}
-    accept_lengths = [o.spec_accept_length for o in outputs if o.success and o.spec_accept_length]
     return {
         "workload": workload.name,
         "rate": workload.rate,
@@ -82,8 +81,6 @@ def run_workload(base_url: str, workload: Workload, tokenizer, temperature: floa
             **spec,
             "accept_rate": spec["spec_accepted_tokens"] / spec["spec_drafted_tokens"]
             if spec["spec_drafted_tokens"] else None,
-            "mean_request_accept_length": sum(accept_lengths) / len(accept_lengths)
-            if accept_lengths else None,
         },
         "requests": [
             {"arrival_s": t, "prompt_len": row.prompt_len, "output_len": o.output_len,
