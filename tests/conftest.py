@@ -34,3 +34,14 @@ def tiny_server(tiny_model_path, tmp_path_factory):
     server = start_server(tiny_model_path, tmp_path_factory.mktemp("server"), ["--max-total-tokens", "4096"])
     yield server
     server.stop()
+
+
+# The target with every weight perturbed by 2% (relative): as a draft it agrees with the tiny
+# llama target often but not always (greedy acceptance ~0.45, temperature 1 ~0.85 on the
+# speculative tests' prompts), so partial acceptance and the rollback after it are exercised.
+PARTIAL_DRAFT = {"arch": "llama", "seed": 0, "noise_std": 0.02, "noise_seed": 1}
+
+
+@pytest.fixture(scope="session")
+def partial_draft_path() -> str:
+    return get_tiny_model(**PARTIAL_DRAFT)

@@ -115,7 +115,7 @@ def _train_tokenizer(vocab_size: int):
     )
 
 
-def _randomise(model, seed: int, std: float) -> None:
+def _randomise(model, seed: int, std: float, noise_std: float = 0.0, noise_seed: int = 0) -> None:
     """Weights with enough spread that greedy outputs vary and have clear argmax margins:
     HF's default init (std 0.02, zero biases, unit norms) gives near-flat logits, where tiny
     float differences flip argmax ties and biases/norm weights are never exercised."""
@@ -130,15 +130,23 @@ def _randomise(model, seed: int, std: float) -> None:
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(std * torch.randn(p.shape, generator=gen))
+        if noise_std > 0:
+            # A relative perturbation of every weight: the model stays close to the unperturbed
+            # one (same seed), so as a draft it agrees with it often but not always.
+            noise = torch.Generator().manual_seed(10_000 + noise_seed)
+            for _, p in model.named_parameters():
+                p.mul_(1.0 + noise_std * torch.randn(p.shape, generator=noise))
 
 
 def build_tiny_model(dest_dir: str | os.PathLike, arch: str = "llama", seed: int = 0, vocab_size: int = 512,
                      hidden_size: int = 64, num_layers: int = 3, num_heads: int = 4, num_kv_heads: int = 2,
                      intermediate_size: int = 128, max_position_embeddings: int = 1024,
                      rope_scaling: dict | None = None, tie_word_embeddings: bool | None = None,
-                     init_std: float = 0.15) -> str:
+                     init_std: float = 0.15, noise_std: float = 0.0, noise_seed: int = 0) -> str:
     """Write a tiny random ``arch`` model ("llama" | "qwen2" | "qwen3") with its tokenizer to
-    dest_dir and return the path.  tie_word_embeddings defaults to True for qwen2 (as in the
+    dest_dir and return the path.  ``noise_std`` > 0 multiplies every weight of the ``seed``
+    model by (1 + noise_std * N(0, 1)) (noise drawn from ``noise_seed``): a draft that partly
+    agrees with that model.  tie_word_embeddings defaults to True for qwen2 (as in the
     small Qwen2.5 models) and False otherwise; rope_scaling is passed through (e.g. llama3)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -175,7 +183,7 @@ def build_tiny_model(dest_dir: str | os.PathLike, arch: str = "llama", seed: int
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _randomise(model, seed, init_std)
+    _randomise(model, seed, init_std, noise_std, noise_seed)
     model.generation_config = GenerationConfig(bos_token_id=pad_id, eos_token_id=[eos_id, pad_id],
                                                pad_token_id=pad_id)
     model.save_pretrained(dest, safe_serialization=True)
