@@ -26,19 +26,28 @@ class SamplingParamsLike:
 
 class OfflineEngine:
     def __init__(self, target_path: str, draft_path: str | None = None, policy: str = "fixed",
-                 num_draft_tokens: int = 4, dtype: torch.dtype = torch.float32, kv_slots: int = 8192,
+                 num_draft_tokens: int = 4, dtype: torch.dtype = torch.float32, kv_slots: int | None = 8192,
+                 mem_fraction: float | None = None,
                  max_running: int = 256, max_step_tokens: int = 4096, eos_token_ids=()):
-        self.runner = ModelRunner(target_path, dtype=dtype, max_total_tokens=kv_slots)
+        # kv_slots=None sizes the pool from mem_fraction of available memory, as the server does
+        # without --max-total-tokens; with a draft, one budget covers both models' pools.
+        self.speculative = draft_path is not None and policy != "none"
+        draft_runner = None
+        if self.speculative:
+            from faser_sgl.speculative.draft_worker import DraftWorker
+
+            draft_runner = DraftWorker.load(draft_path, dtype, "cpu", "torch")
+        self.runner = ModelRunner(target_path, dtype=dtype, max_total_tokens=kv_slots,
+                                  mem_fraction=mem_fraction, draft=draft_runner)
         self.sampler = Sampler()
         self.planner = BatchPlanner(self.runner.allocator, max_running, max_step_tokens)
-        self.speculative = draft_path is not None and policy != "none"
         self.policy = make_policy(policy if self.speculative else "none", num_draft_tokens)
         self.num_draft_tokens = num_draft_tokens
         if self.speculative:
             from faser_sgl.speculative.draft_worker import DraftWorker
             from faser_sgl.speculative.spec_generator import SpeculativeGenerator
 
-            draft = DraftWorker(draft_path, self.runner, dtype, "cpu", "torch")
+            draft = DraftWorker(draft_runner, self.runner)
             self.generator = SpeculativeGenerator(self.runner, draft, self.sampler, self.policy,
                                                   self.runner.allocator)
             self.generator.calibrate()

@@ -5,6 +5,11 @@ Pool size (KV slots), first match wins: ``num_kv_slots``; ``max_total_tokens`` (
 that name); else a memory budget measured after the weights are loaded: ``mem_fraction`` of free
 GPU memory on CUDA, or of available RAM on CPU, where it is also capped at CPU_CONTEXTS_CAP full
 contexts because a CPU never serves enough concurrent long requests to use more.
+
+A draft model shares the target's slot numbering, so its pool has the same slot count.  Its
+runner is built first with ``defer_kv=True`` (weights only) and passed to the target's as
+``draft``: the target then sizes one budget for both pools (bytes per slot = both models' KV
+bytes per token, measured after both models' weights are loaded) and allocates both.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import torch
 
 from faser_sgl.executor.attention import create_backend
 from faser_sgl.executor.forward_batch import ForwardBatch
-from faser_sgl.executor.kv_cache import KVCache, SlotAllocator, kv_bytes_per_token, slots_for_budget
+from faser_sgl.executor.kv_cache import KVCache, SlotAllocator, kv_bytes_per_token
 from faser_sgl.executor.loader import load_model
 
 DEFAULT_MEM_FRACTION = {"cuda": 0.8, "cpu": 0.3}
@@ -24,17 +29,34 @@ MIN_KV_SLOTS = 16
 class ModelRunner:
     def __init__(self, model_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  attention_backend: str = "torch", num_kv_slots: int | None = None,
-                 max_total_tokens: int | None = None, mem_fraction: float | None = None):
+                 max_total_tokens: int | None = None, mem_fraction: float | None = None,
+                 defer_kv: bool = False, draft: "ModelRunner | None" = None):
         self.model_path = str(model_path)
         self.device = torch.device(device)
         self.dtype = dtype
         self.model, self.config = load_model(model_path, dtype=dtype, device=self.device)
         cfg = self.config
-        self.num_kv_slots = self._pool_size(num_kv_slots or max_total_tokens, mem_fraction)
-        self.kv_cache = KVCache.for_model(cfg, self.num_kv_slots, dtype, self.device)
-        self.allocator = SlotAllocator(self.num_kv_slots)
         self.attn = create_backend(attention_backend, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                    dtype=dtype, device=self.device)
+        self.num_kv_slots = None
+        self.kv_cache = None
+        self.allocator = None
+        if defer_kv:
+            return
+        if draft is not None and draft.kv_cache is not None:
+            raise ValueError("the draft's runner must be built with defer_kv=True, so that one "
+                             "budget sizes both KV pools")
+        self.allocate_kv(self._pool_size(num_kv_slots or max_total_tokens, mem_fraction, draft))
+        if draft is not None:
+            draft.allocate_kv(self.num_kv_slots)
+
+    def allocate_kv(self, num_slots: int) -> None:
+        """The KV cache and slot allocator of a runner built with defer_kv=True."""
+        if self.kv_cache is not None:
+            raise RuntimeError(f"{self.model_path} already has a KV pool")
+        self.num_kv_slots = int(num_slots)
+        self.kv_cache = KVCache.for_model(self.config, self.num_kv_slots, self.dtype, self.device)
+        self.allocator = SlotAllocator(self.num_kv_slots)
 
     @property
     def vocab_size(self) -> int:
@@ -48,7 +70,8 @@ class ModelRunner:
     def eos_token_ids(self) -> list[int]:
         return list(self.config.eos_token_ids)
 
-    def _pool_size(self, requested: int | None, mem_fraction: float | None) -> int:
+    def _pool_size(self, requested: int | None, mem_fraction: float | None,
+                   draft: "ModelRunner | None" = None) -> int:
         if requested is not None:
             if requested < 1:
                 raise ValueError(f"the KV pool needs at least one slot, got {requested}")
@@ -61,12 +84,22 @@ class ModelRunner:
         else:
             free = _available_ram()
             cap = CPU_CONTEXTS_CAP * self.max_context_len
-        slots = slots_for_budget(self.config, self.dtype, int(free * fraction), max_slots=cap, min_slots=0)
+        # Every slot holds a token's KV in the target's pool and in the draft's, and free memory
+        # was read after both models' weights were loaded, so one budget covers both pools.
+        own = kv_bytes_per_token(self.config, self.dtype)
+        draft_own = 0 if draft is None else kv_bytes_per_token(draft.config, draft.dtype)
+        per_token = own + draft_own
+        slots = int(free * fraction) // per_token
+        if cap is not None:
+            slots = min(slots, cap)
         if slots < MIN_KV_SLOTS:
-            per_token = kv_bytes_per_token(self.config, self.dtype)
+            detail = f"{per_token} bytes per token"
+            if draft is not None:
+                detail += (f": {own} for the target {self.model_path} + "
+                           f"{draft_own} for the draft {draft.model_path}")
             raise RuntimeError(
                 f"only {slots} KV slots fit in {fraction:.0%} of {free / 2**30:.2f} GiB free "
-                f"({per_token} bytes per token); pass max_total_tokens or free memory"
+                f"({detail}); pass max_total_tokens or free memory"
             )
         return slots
 

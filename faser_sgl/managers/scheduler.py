@@ -58,12 +58,21 @@ class Scheduler:
         seed = server_args.random_seed if server_args.random_seed is not None else 0
         torch.manual_seed(seed)
 
+        # The draft's weights are loaded first, so that when the pool is sized from memory the
+        # target's runner budgets both KV pools (same slot count) from what both models left.
+        draft_runner = None
+        if options.speculative_policy != "none":
+            from faser_sgl.speculative.draft_worker import DraftWorker
+
+            draft_runner = DraftWorker.load(options.speculative_draft_model_path, self.dtype,
+                                            self.device, options.attention_backend)
         self.runner = ModelRunner(
             server_args.model_path,
             dtype=self.dtype,
             device=self.device,
             attention_backend=options.attention_backend,
             max_total_tokens=server_args.max_total_tokens or options.default_kv_slots,
+            draft=draft_runner,
         )
         config = self.runner.config
         self.vocab_size = config.vocab_size
@@ -95,8 +104,7 @@ class Scheduler:
             from faser_sgl.speculative.draft_worker import DraftWorker
             from faser_sgl.speculative.spec_generator import SpeculativeGenerator
 
-            draft = DraftWorker(options.speculative_draft_model_path, self.runner, self.dtype,
-                                self.device, options.attention_backend)
+            draft = DraftWorker(draft_runner, self.runner)
             self.generator = SpeculativeGenerator(self.runner, draft, self.sampler, self.policy, self.allocator)
             seconds = self.generator.calibrate()
             if seconds:

@@ -16,19 +16,27 @@ from faser_sgl.executor.forward_batch import ForwardBatch
 
 
 class DraftWorker:
-    def __init__(self, model_path: str, target_runner, dtype: torch.dtype, device: str,
-                 attention_backend: str):
-        from faser_sgl.executor.model_runner import ModelRunner
-
-        self.runner = ModelRunner(
-            model_path, dtype=dtype, device=device, attention_backend=attention_backend,
-            max_total_tokens=target_runner.allocator.num_total,
-        )
-        if self.runner.config.vocab_size != target_runner.config.vocab_size:
+    def __init__(self, runner, target_runner):
+        """runner: from DraftWorker.load, then passed to the target's ModelRunner as ``draft``,
+        which sized and allocated both KV pools from one memory budget."""
+        self.runner = runner
+        if runner.config.vocab_size != target_runner.config.vocab_size:
             raise ValueError(
-                f"draft vocabulary ({self.runner.config.vocab_size}) differs from the target's "
+                f"draft vocabulary ({runner.config.vocab_size}) differs from the target's "
                 f"({target_runner.config.vocab_size}); the two models must share a tokenizer"
             )
+        if runner.allocator is None or runner.allocator.num_total != target_runner.allocator.num_total:
+            raise ValueError("the draft's KV pool must have the target's slot count: pass the "
+                             "draft's runner to the target's ModelRunner as draft=")
+
+    @staticmethod
+    def load(model_path: str, dtype: torch.dtype, device: str, attention_backend: str):
+        """The draft's runner with its weights loaded but no KV pool yet, so that the target's
+        pool sizing sees the memory both models' weights take."""
+        from faser_sgl.executor.model_runner import ModelRunner
+
+        return ModelRunner(model_path, dtype=dtype, device=device,
+                           attention_backend=attention_backend, defer_kv=True)
 
     def forward(self, feeds: list[list[int]], slots: list[list[int]]) -> torch.Tensor:
         """Feed each request its tokens (KV written at the tail of its slots); logits of the
