@@ -11,6 +11,11 @@ import requests
 
 CONTEXT = 96
 POOL = 160
+# A context so long that a request asking for most of it runs for minutes on these tiny models
+# (tens of tokens per second on a CPU, under a few thousand on an accelerator): only an abort
+# can end it within the tests' waits.
+LONG_CONTEXT = 32768
+LONG_ASK = 30000
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +29,25 @@ def small_server(tiny_model_path, tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def long_server(tiny_model_factory, tmp_path_factory):
+    from server_utils import start_server
+
+    model = tiny_model_factory("llama", seed=0, max_position_embeddings=LONG_CONTEXT)
+    server = start_server(model, tmp_path_factory.mktemp("long"), [
+        "--context-length", str(LONG_CONTEXT), "--max-total-tokens", str(LONG_CONTEXT)])
+    yield server
+    server.stop()
+
+
 @pytest.fixture(autouse=True)
-def kv_pool_free_after_each_test(small_server):
+def kv_pool_free_after_each_test(request):
     yield
-    state = small_server.wait_kv_free()
-    assert state["kv_free_slots"] == state["kv_total_slots"] == POOL
+    for name, pool in (("small_server", POOL), ("long_server", LONG_CONTEXT)):
+        server = request.node.funcargs.get(name)
+        if server is not None:
+            state = server.wait_kv_free()
+            assert state["kv_free_slots"] == state["kv_total_slots"] == pool
 
 
 def post(server, body, timeout=120):
@@ -83,10 +102,13 @@ def test_token_id_outside_vocabulary(small_server):
     assert 400 <= r.status_code < 500, r.text
 
 
-def test_client_disconnect_mid_stream_frees_kv(small_server):
+def test_client_disconnect_mid_stream_frees_kv(long_server):
+    """A client that drops a stream gets its request aborted: the request asks for so many
+    tokens that it cannot finish by itself within the wait, so only the abort frees its slots."""
+    before = long_server.wait_kv_free()
     body = {"input_ids": [4, 5, 6], "stream": True,
-            "sampling_params": {"max_new_tokens": 80, "ignore_eos": True}}
-    with requests.post(f"{small_server.base_url}/generate", json=body, stream=True, timeout=60) as r:
+            "sampling_params": {"max_new_tokens": LONG_ASK, "ignore_eos": True}}
+    with requests.post(f"{long_server.base_url}/generate", json=body, stream=True, timeout=60) as r:
         assert r.status_code == 200
         got = 0
         for line in r.iter_lines():
@@ -94,32 +116,48 @@ def test_client_disconnect_mid_stream_frees_kv(small_server):
                 got += 1
                 if got >= 2:
                     break
-    # Leaving the with-block closed the connection mid-stream; the autouse fixture checks
-    # that the scheduler aborted the request and freed its slots.
+    # Leaving the with-block closed the connection mid-stream.
+    after = long_server.wait_kv_free(timeout=30)
+    assert after["kv_free_slots"] == LONG_CONTEXT
+    assert after["num_aborted_requests"] == before["num_aborted_requests"] + 1
+    assert after["num_finished_requests"] == before["num_finished_requests"]
+    generated = after["num_generated_tokens"] - before["num_generated_tokens"]
+    assert 2 <= generated < LONG_ASK // 10, generated
 
 
-def test_abort_running_request(small_server):
+def test_abort_running_request(long_server):
+    """/abort_request ends a request that would otherwise run for minutes; it answers with an
+    abort and the tokens made so far, and its slots are freed."""
     rid = "abort-me-1"
     result = {}
+    before = long_server.wait_kv_free()
 
     def run():
-        result["r"] = post(small_server, {"rid": rid, "input_ids": [7, 8, 9],
-                                          "sampling_params": {"max_new_tokens": 85, "ignore_eos": True}})
+        result["r"] = post(long_server, {"rid": rid, "input_ids": [7, 8, 9],
+                                         "sampling_params": {"max_new_tokens": LONG_ASK, "ignore_eos": True}})
 
     t = threading.Thread(target=run)
     t.start()
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and small_server.internal_state()["num_running_reqs"] == 0:
+    while time.monotonic() < deadline and long_server.internal_state()["num_generated_tokens"] < (
+            before["num_generated_tokens"] + 3):
         time.sleep(0.05)
-    requests.post(f"{small_server.base_url}/abort_request", json={"rid": rid}, timeout=30)
+    assert long_server.internal_state()["num_running_reqs"] == 1
+    requests.post(f"{long_server.base_url}/abort_request", json={"rid": rid}, timeout=30)
     t.join(60)
+    assert not t.is_alive(), "the aborted request never answered"
     r = result["r"]
-    meta = r.json()["meta_info"] if r.status_code == 200 else {}
     if r.status_code == 200:
-        assert meta["finish_reason"]["type"] == "abort"
-        assert meta["completion_tokens"] < 85
+        meta = r.json()["meta_info"]
+        assert meta["finish_reason"]["type"] == "abort", meta
+        assert 3 <= meta["completion_tokens"] < LONG_ASK // 10, meta
+        assert len(r.json()["output_ids"]) == meta["completion_tokens"]
     else:
-        assert "abort" in r.text.lower()
+        assert "abort" in r.text.lower(), (r.status_code, r.text)
+    after = long_server.wait_kv_free(timeout=30)
+    assert after["num_aborted_requests"] == before["num_aborted_requests"] + 1
+    assert after["num_finished_requests"] == before["num_finished_requests"]
+    assert after["num_generated_tokens"] - before["num_generated_tokens"] < LONG_ASK // 10
 
 
 def test_more_requests_than_the_pool_holds(small_server):
@@ -127,14 +165,18 @@ def test_more_requests_than_the_pool_holds(small_server):
     exactly what it gets when served alone."""
     prompts = [[i + 1, i + 2, i + 3] + list(range(10, 30)) for i in range(8)]
     params = {"max_new_tokens": 40, "temperature": 0, "ignore_eos": True}
-    solo = [post(small_server, {"input_ids": p, "sampling_params": params}).json()["output_ids"]
-            for p in prompts[:2]]
+    solo = []
+    for p in prompts:
+        solo.append(post(small_server, {"input_ids": p, "sampling_params": params}).json()["output_ids"])
+    retractions_before = small_server.wait_kv_free()["num_retractions"]
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda p: post(small_server, {"input_ids": p, "sampling_params": params}), prompts))
     assert all(r.status_code == 200 for r in results), [r.text for r in results if r.status_code != 200]
     outs = [r.json()["output_ids"] for r in results]
-    assert all(len(o) == 40 for o in outs)
-    assert outs[:2] == solo
+    assert all(len(o) == 40 for o in solo + outs)
+    assert outs == solo
+    # The pool really ran dry: running requests were retracted and recomputed later.
+    assert small_server.wait_kv_free()["num_retractions"] > retractions_before
 
 
 def test_request_larger_than_pool_is_refused(tiny_model_path, tmp_path):

@@ -127,7 +127,8 @@ class Scheduler:
         self.sockets = sockets
         self.control = ControlHandler(self)
         self.gracefully_exit = False
-        self.stats = {"num_generated_tokens": 0, "num_finished_requests": 0, "num_forward_steps": 0}
+        self.stats = {"num_generated_tokens": 0, "num_finished_requests": 0, "num_forward_steps": 0,
+                      "num_aborted_requests": 0}
         self._throughput_window = (time.monotonic(), 0)
         self.last_gen_throughput = 0.0
 
@@ -277,6 +278,7 @@ class Scheduler:
             req.finished_reason = msg.finished_reason or finish_abort(
                 msg.abort_message or "Aborted by request"
             )
+        self.stats["num_aborted_requests"] += len(victims)
         if victims:
             self.send_outputs(victims)
 
