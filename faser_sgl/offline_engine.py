@@ -28,7 +28,8 @@ class OfflineEngine:
     def __init__(self, target_path: str, draft_path: str | None = None, policy: str = "fixed",
                  num_draft_tokens: int = 4, dtype: torch.dtype = torch.float32, kv_slots: int | None = 8192,
                  mem_fraction: float | None = None,
-                 max_running: int = 256, max_step_tokens: int = 4096, eos_token_ids=()):
+                 max_running: int = 256, max_step_tokens: int = 4096, eos_token_ids=(),
+                 cost_profile: str | None = None):
         # kv_slots=None sizes the pool from mem_fraction of available memory, as the server does
         # without --max-total-tokens; with a draft, one budget covers both models' pools.
         self.speculative = draft_path is not None and policy != "none"
@@ -41,7 +42,9 @@ class OfflineEngine:
                                   mem_fraction=mem_fraction, draft=draft_runner)
         self.sampler = Sampler()
         self.planner = BatchPlanner(self.runner.allocator, max_running, max_step_tokens)
-        self.policy = make_policy(policy if self.speculative else "none", num_draft_tokens)
+        # cost_profile: as --speculative-cost-profile (adaptive policy only).
+        self.policy = make_policy(policy if self.speculative else "none", num_draft_tokens,
+                                  cost_profile if self.speculative else None)
         self.num_draft_tokens = num_draft_tokens
         if self.speculative:
             from faser_sgl.speculative.draft_worker import DraftWorker

@@ -38,6 +38,9 @@ class FaserOptions:
     speculative_policy: str = "none"
     speculative_draft_model_path: str | None = None
     speculative_num_draft_tokens: int = 4
+    # Adaptive policy only: "target=FIXED_MS+PER_TOKEN_MS,draft=FIXED_MS+PER_TOKEN_MS" pins its
+    # cost model instead of measuring it (None: calibrate at start-up and learn from passes).
+    speculative_cost_profile: str | None = None
 
     def to_env(self) -> None:
         os.environ[ENV_VAR] = json.dumps(dataclasses.asdict(self))
@@ -69,6 +72,11 @@ class FaserOptions:
                            help="K of the fixed policy (the most the adaptive one drafts); a request "
                                 "may override it with "
                                 "sampling_params.custom_params.num_draft_tokens")
+        group.add_argument("--speculative-cost-profile", default=None,
+                           metavar="target=FIXED_MS+PER_TOKEN_MS,draft=FIXED_MS+PER_TOKEN_MS",
+                           help="adaptive policy only: pin its cost model to these lines (milliseconds "
+                                "per pass plus per token, e.g. target=30+0.01,draft=2+0.01 for a GPU) "
+                                "instead of timing passes at start-up and while serving")
 
     @staticmethod
     def from_cli_args(args: argparse.Namespace) -> "FaserOptions":
@@ -79,6 +87,17 @@ class FaserOptions:
         if args.speculative_policy == "faser":
             raise SystemExit("--speculative-policy faser is not implemented yet; use none, fixed or "
                              "adaptive (FASER's per-request drafter on its own)")
+        profile = args.speculative_cost_profile
+        if profile is not None:
+            if args.speculative_policy != "adaptive":
+                raise SystemExit("--speculative-cost-profile is only used by --speculative-policy adaptive "
+                                 f"(got --speculative-policy {args.speculative_policy})")
+            from faser_sgl.speculative.adaptive import parse_cost_profile
+
+            try:
+                parse_cost_profile(profile)
+            except ValueError as exc:
+                raise SystemExit(f"--speculative-cost-profile {profile!r}: {exc}") from None
         draft = args.speculative_draft_model_path
         if args.speculative_policy != "none" and draft is None:
             from faser_sgl import default_models
@@ -95,4 +114,5 @@ class FaserOptions:
             speculative_policy=args.speculative_policy,
             speculative_draft_model_path=draft,
             speculative_num_draft_tokens=args.speculative_num_draft_tokens,
+            speculative_cost_profile=profile,
         )

@@ -3,13 +3,26 @@ of drafting and verifying; lossless whatever it chooses."""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from faser_sgl.managers.request import Request, StopConditions
+from faser_sgl.offline_engine import OfflineEngine
+from faser_sgl.options import ENV_VAR, FaserOptions
 from faser_sgl.speculative.adaptive import AdaptiveLength, CostCurve, expected_tokens
+from faser_sgl.speculative.policy import make_policy
 from spec_harness import Engine
 
 PROMPTS = [[5, 17, 33], list(range(40, 75)), [7] * 11, list(range(100, 123)), [3, 9], [250, 30, 31, 2, 8]]
+
+# Tiny models cost the same to draft as to verify on a CPU, so with measured costs the adaptive
+# policy (rightly) drafts almost never; these pinned cost models (--speculative-cost-profile) make
+# drafting pay.  GPU-like: a pass costs its fixed part whatever its size, so every request drafts
+# long.  ROWS_COST: each extra row costs enough that a request's next draft pays only if it is
+# likely accepted, so requests that accept differently draft different lengths.
+GPU_PROFILE = "target=30+0.01,draft=2+0.01"
+ROWS_COST_PROFILE = "target=20+0.5,draft=1+0.1"
 
 
 def make_req(rid: str) -> Request:
@@ -139,28 +152,34 @@ def pair(tiny_model_factory):
     return tiny_model_factory("llama", seed=0), tiny_model_factory("llama", seed=1)
 
 
-@pytest.mark.parametrize("draft_kind", ["unrelated", "identical"])
-def test_adaptive_greedy_output_identical_to_target_only(pair, draft_kind):
-    target, unrelated = pair
+@pytest.mark.parametrize("draft_kind", ["partial", "identical"])
+def test_adaptive_greedy_output_identical_to_target_only(pair, partial_draft_path, draft_kind):
+    target, _ = pair
     base = Engine(target, None)
     expected = base.run([base.make_request(p, 24, temperature=0) for p in PROMPTS])
-    engine = Engine(target, unrelated if draft_kind == "unrelated" else target, k=5, policy="adaptive")
+    engine = OfflineEngine(target, partial_draft_path if draft_kind == "partial" else target,
+                           policy="adaptive", num_draft_tokens=5, cost_profile=ROWS_COST_PROFILE)
     policy = engine.policy
-    # Tiny models cost the same to draft as to verify, so no draft would ever pay: pin a cheap
-    # draft so that speculation happens, and record what the policy chose.
-    policy.draft_cost = CostCurve(fixed_s=1e-6, per_token_s=1e-7)
-    policy.observe_forward = lambda model, n, s: policy.target_cost.observe(n, s) if model == "target" else None
-    chosen: list[list[int]] = []
+    chosen: list[list[int]] = []  # what the policy chose, step by step
     choose = policy.choose_lengths
     policy.choose_lengths = lambda reqs, step_tokens=0: chosen.append(choose(reqs, step_tokens)) or chosen[-1]
     assert engine.run([engine.make_request(p, 24, temperature=0) for p in PROMPTS]) == expected
-    assert engine.generator.num_verify_steps > 0
+    assert engine.runner.allocator.num_used == 0, "KV slots leaked"
+    # The pinned costs make drafting pay: every decode step drafts for some request, and the
+    # passes the engine ran did not move the pinned curves.
+    decode_steps = [ks for ks in chosen if ks]
+    assert decode_steps and all(max(ks) > 0 for ks in decode_steps), decode_steps
+    assert policy.target_cost.predict(7) == pytest.approx(0.020 + 7 * 0.0005)
+    assert policy.draft_cost.predict(3) == pytest.approx(0.001 + 3 * 0.0001)
+    gen = engine.generator
+    assert gen.num_verify_steps > 0
     if draft_kind == "identical":
-        assert engine.generator.num_accepted == engine.generator.num_drafted
+        assert gen.num_accepted == gen.num_drafted > 0
     else:
-        assert engine.generator.num_accepted < engine.generator.num_drafted
-        # Requests accept differently, so one step drafts different lengths (0 included).
-        assert any(len(set(ks)) > 1 for ks in chosen), "lengths never differed between requests"
+        # The 2%-noise draft agrees with the target often but not always.
+        assert 0.2 < gen.num_accepted / gen.num_drafted < 0.9, (gen.num_accepted, gen.num_drafted)
+        # Requests accept differently, so one step drafts different lengths.
+        assert any(len(set(ks)) > 1 for ks in decode_steps), "lengths never differed between requests"
 
 
 def test_calibration_times_every_verification_size_and_frees_its_slots(pair):
@@ -182,13 +201,14 @@ def test_calibration_times_every_verification_size_and_frees_its_slots(pair):
 
 
 @pytest.fixture(scope="module")
-def adaptive_server(pair, tmp_path_factory):
+def adaptive_server(pair, partial_draft_path, tmp_path_factory):
     from server_utils import start_server
 
-    target, draft = pair
+    target, _ = pair
     server = start_server(target, tmp_path_factory.mktemp("adaptive"), [
         "--max-total-tokens", "2048", "--enable-metrics", "--speculative-policy", "adaptive",
-        "--speculative-draft-model-path", draft, "--speculative-num-draft-tokens", "4"])
+        "--speculative-draft-model-path", partial_draft_path, "--speculative-num-draft-tokens", "4",
+        "--speculative-cost-profile", GPU_PROFILE])
     yield server, target
     server.stop()
 
@@ -201,18 +221,85 @@ def test_adaptive_server_is_lossless_and_reports_its_choices(adaptive_server):
 
     server, target = adaptive_server
     hf = load_hf_model(target)
-    before = scrape(server)
+    before, state_before = scrape(server), server.wait_kv_free()  # the server's warm-up request ran
+    drafted = accepted = 0
     for prompt in ([5, 17, 33], list(range(40, 70)), [3, 9]):
         r = requests.post(f"{server.base_url}/generate", timeout=120, json={
             "input_ids": prompt, "sampling_params": {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}})
         assert r.status_code == 200, r.text
         assert r.json()["output_ids"] == hf_greedy(hf, prompt, 16)
         meta = r.json()["meta_info"]
-        if meta.get("spec_verify_ct"):
-            # Per verification pass, not per decode step: steps with k = 0 do not count.
-            assert 1.0 <= meta["spec_accept_length"] <= 4 + 1
+        # With GPU-like pinned costs drafting pays, so every request was speculated.
+        assert meta["spec_verify_ct"] > 0, meta
+        # Per verification pass, not per decode step: steps with k = 0 do not count.
+        assert 1.0 <= meta["spec_accept_length"] <= 4 + 1
+        drafted += meta["spec_num_proposed_drafts"]
+        accepted += meta["spec_num_correct_drafts"]
     state = server.wait_kv_free()
     assert state["speculative_policy"] == "adaptive"
+    assert state["spec_drafted_tokens"] - state_before["spec_drafted_tokens"] == drafted > 0
+    assert state["spec_accepted_tokens"] - state_before["spec_accepted_tokens"] == accepted
+    # The 2%-noise draft agrees with the target often but not always.
+    assert 0.2 < accepted / drafted < 0.9, (accepted, drafted)
     after = scrape(server)
+    assert after["faser:spec_drafted_tokens_total"] - before["faser:spec_drafted_tokens_total"] == drafted
     # Every decode step's choice is in the draft-length histogram, zeros included.
     assert after["faser:spec_draft_length_count"] - before.get("faser:spec_draft_length_count", 0) >= 3 * 15 / 5
+
+
+def _options(*argv: str) -> FaserOptions:
+    parser = argparse.ArgumentParser()
+    FaserOptions.add_cli_args(parser)
+    return FaserOptions.from_cli_args(parser.parse_args(list(argv)))
+
+
+ADAPTIVE = ("--speculative-policy", "adaptive", "--speculative-draft-model-path", "/draft")
+
+
+def test_cost_profile_option_pins_the_cost_model(monkeypatch):
+    options = _options(*ADAPTIVE, "--speculative-cost-profile", " target = 30+0.01, draft=2 + 0.5 ")
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    options.to_env()  # the way options reach the scheduler process
+    profile = FaserOptions.from_env().speculative_cost_profile
+    assert profile is not None
+    policy = make_policy("adaptive", 4, profile)
+    assert policy.target_cost.predict(10) == pytest.approx(0.030 + 10 * 0.00001)
+    assert policy.draft_cost.predict(4) == pytest.approx(0.002 + 4 * 0.0005)
+    # Pinned: nothing to calibrate, and measured passes leave the curves where they were.
+    assert policy.calibration_sizes() == ([], [])
+    for n in (1, 4, 16, 64):
+        policy.observe_forward("target", n, 5.0)
+        policy.observe_forward("draft", n, 5.0)
+    assert policy.target_cost.predict(10) == pytest.approx(0.030 + 10 * 0.00001)
+    assert policy.draft_cost.predict(4) == pytest.approx(0.002 + 4 * 0.0005)
+    # Without the option the policy calibrates and learns from the same measurements.
+    measured = make_policy("adaptive", 4, _options(*ADAPTIVE).speculative_cost_profile)
+    assert measured.calibration_sizes()[0]
+    measured.observe_forward("target", 10, 5.0)
+    assert measured.target_cost.predict(10) == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("profile, reason", [
+    ("", "does not name target or draft"),
+    ("target=30+0.01", "no cost for draft"),
+    ("target=30,draft=2+0.01", "is not FIXED_MS+PER_TOKEN_MS"),
+    ("target=30+0.01,draft=fast", "is not FIXED_MS+PER_TOKEN_MS"),
+    ("target=30+0.01,gpu=2+0.01", "does not name target or draft"),
+    ("target=30+0.01,draft=2+0.01,target=1+1", "given twice"),
+    ("target=30+0.01,draft=-2+0.01", "finite and non-negative"),
+    ("target=nan+0.01,draft=2+0.01", "finite and non-negative"),
+    ("target=0+0,draft=2+0.01", "cannot be free"),
+])
+def test_cost_profile_option_rejects_garbage(profile, reason):
+    with pytest.raises(SystemExit) as exc:
+        _options(*ADAPTIVE, "--speculative-cost-profile", profile)
+    message = str(exc.value)
+    assert message.startswith("--speculative-cost-profile") and reason in message, message
+
+
+def test_cost_profile_option_is_only_for_the_adaptive_policy():
+    with pytest.raises(SystemExit, match="only used by --speculative-policy adaptive"):
+        _options("--speculative-policy", "fixed", "--speculative-draft-model-path", "/draft",
+                 "--speculative-cost-profile", GPU_PROFILE)
+    with pytest.raises(ValueError, match="only used by --speculative-policy adaptive"):
+        make_policy("fixed", 4, GPU_PROFILE)

@@ -98,7 +98,7 @@ class Scheduler:
             max_step_tokens=server_args.chunked_prefill_size or options.max_step_tokens,
         )
         self.sampler = Sampler()
-        self.policy = make_policy(options.speculative_policy, options.speculative_num_draft_tokens)
+        self.policy = make_policy(options.speculative_policy, options.speculative_num_draft_tokens, options.speculative_cost_profile)
         self.speculative = options.speculative_policy != "none"
         if self.speculative:
             from faser_sgl.speculative.draft_worker import DraftWorker

@@ -22,6 +22,9 @@ A request the draft model lags behind (after its prefill, or after steps without
 also charged its share of the catch-up: the draft pass that feeds its unseen tokens, spread over
 the tokens it may still emit.
 
+``--speculative-cost-profile`` pins both curves to given lines instead (no calibration, no
+learning from measured passes), e.g. to see what the drafter would choose on another machine.
+
 A request whose estimate says "do not draft" is not observed any more, so its estimate slowly
 returns to the prior while it waits; it is probed again when the prior makes drafting pay.
 """
@@ -83,6 +86,40 @@ class CostCurve:
         return max(0.0, s0 + slope * (tokens - n0))
 
 
+COST_PROFILE_SYNTAX = "target=FIXED_MS+PER_TOKEN_MS,draft=FIXED_MS+PER_TOKEN_MS"
+
+
+def parse_cost_profile(text: str) -> dict[str, tuple[float, float]]:
+    """``--speculative-cost-profile``: fixed cost of a pass plus cost per token it carries, in
+    milliseconds, for both models, e.g. ``"target=30+0.01,draft=2+0.01"`` (GPU-like).  Returns
+    ``{"target": (fixed_s, per_token_s), "draft": (fixed_s, per_token_s)}`` in seconds; raises
+    ValueError with the reason on anything else."""
+    example = f"expected {COST_PROFILE_SYNTAX!r} in milliseconds, e.g. 'target=30+0.01,draft=2+0.01'"
+    costs: dict[str, tuple[float, float]] = {}
+    for part in text.split(","):
+        model, eq, curve = (s.strip() for s in part.partition("="))
+        if not eq or model not in ("target", "draft"):
+            raise ValueError(f"{part.strip()!r} does not name target or draft; {example}")
+        if model in costs:
+            raise ValueError(f"{model} is given twice; {example}")
+        fixed, plus, per_token = curve.partition("+")
+        try:
+            if not plus:
+                raise ValueError
+            values = (float(fixed), float(per_token))
+        except ValueError:
+            raise ValueError(f"{model} cost {curve!r} is not FIXED_MS+PER_TOKEN_MS; {example}") from None
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            raise ValueError(f"{model} costs must be finite and non-negative, got {curve!r}")
+        if model == "target" and values == (0.0, 0.0):
+            raise ValueError("a target pass cannot be free (target=0+0)")
+        costs[model] = (values[0] / 1000, values[1] / 1000)
+    missing = [m for m in ("target", "draft") if m not in costs]
+    if missing:
+        raise ValueError(f"no cost for {' and '.join(missing)}; {example}")
+    return costs
+
+
 def expected_tokens(accept_rate: float, k: int) -> float:
     """1 + a + a^2 + ... + a^k: tokens one verification of k drafts emits on average."""
     return sum(accept_rate ** j for j in range(k + 1))
@@ -98,13 +135,18 @@ class AdaptiveLength:
     DECAY = 0.8
     IDLE_DECAY = 0.9
 
-    def __init__(self, max_draft_tokens: int):
+    def __init__(self, max_draft_tokens: int, cost_profile: dict[str, tuple[float, float]] | None = None):
+        """``cost_profile`` (see ``parse_cost_profile``) pins both cost curves to those lines:
+        no calibration, and measured passes do not move them."""
         if max_draft_tokens < 1:
             raise ValueError(f"--speculative-num-draft-tokens must be at least 1, got {max_draft_tokens}")
         self.max_k = max_draft_tokens
-        # Priors in seconds; the first measured passes replace them.
-        self.target_cost = CostCurve(fixed_s=0.02, per_token_s=0.002)
-        self.draft_cost = CostCurve(fixed_s=0.01, per_token_s=0.001)
+        self.pinned = cost_profile is not None
+        # Priors in seconds; unless pinned, the first measured passes replace them.
+        target, draft = (cost_profile["target"], cost_profile["draft"]) if self.pinned else \
+            ((0.02, 0.002), (0.01, 0.001))
+        self.target_cost = CostCurve(*target)
+        self.draft_cost = CostCurve(*draft)
 
     # -- feedback ------------------------------------------------------------------------------
     def accept_rate(self, req: Request) -> float:
@@ -119,9 +161,13 @@ class AdaptiveLength:
         req.spec_accept_stats = (successes * self.DECAY + num_accepted, trials * self.DECAY + tested)
 
     def observe_forward(self, model: str, num_tokens: int, seconds: float) -> None:
+        if self.pinned:
+            return
         (self.target_cost if model == "target" else self.draft_cost).observe(num_tokens, seconds)
 
     def calibration_sizes(self) -> tuple[list[int], list[int]]:
+        if self.pinned:
+            return [], []
         # Every verification size of a lone request (1..K+1 tokens): on a CPU the cost jumps
         # between neighbouring small sizes (2 rows can cost what 1 does, 4 rows twice that), which
         # no interpolation guesses; then batch sizes a few steps apart for the load.

@@ -67,15 +67,20 @@ class FixedLength(_StaticPolicy):
         return [r.requested_draft_len if r.requested_draft_len is not None else self.k for r in reqs]
 
 
-def make_policy(name: str, num_draft_tokens: int | None) -> SpeculationPolicy:
+def make_policy(name: str, num_draft_tokens: int | None, cost_profile: str | None = None) -> SpeculationPolicy:
+    """``cost_profile``: ``--speculative-cost-profile`` text, which pins the adaptive policy's
+    cost model (see adaptive.parse_cost_profile); the other policies ignore costs and refuse it."""
+    if cost_profile is not None and name != "adaptive":
+        raise ValueError(f"--speculative-cost-profile is only used by --speculative-policy adaptive, not {name!r}")
     if name == "none":
         return NoSpeculation()
     if name == "fixed":
         return FixedLength(num_draft_tokens if num_draft_tokens is not None else 4)
     if name == "adaptive":
-        from faser_sgl.speculative.adaptive import AdaptiveLength
+        from faser_sgl.speculative.adaptive import AdaptiveLength, parse_cost_profile
 
-        return AdaptiveLength(num_draft_tokens if num_draft_tokens is not None else 4)
+        pinned = parse_cost_profile(cost_profile) if cost_profile is not None else None
+        return AdaptiveLength(num_draft_tokens if num_draft_tokens is not None else 4, pinned)
     if name == "faser":
         raise ValueError("--speculative-policy faser is not implemented yet (use none, fixed or adaptive)")
     raise ValueError(f"unknown --speculative-policy {name!r}; choose none, fixed, adaptive or faser")
