@@ -11,7 +11,7 @@ import torch
 from faser_sgl.executor.model_runner import ModelRunner
 from faser_sgl.executor.sampler import Sampler, SamplingOptions
 from faser_sgl.managers.batch_planner import BatchPlanner
-from faser_sgl.managers.request import Request, StopConditions
+from faser_sgl.managers.request import Request, StopConditions, finish_abort, uses_coupled_sampling
 from faser_sgl.managers.stop_checker import StopChecker
 from faser_sgl.managers.token_generator import TargetOnlyGenerator
 from faser_sgl.speculative.policy import make_policy
@@ -29,7 +29,10 @@ class OfflineEngine:
                  num_draft_tokens: int = 4, dtype: torch.dtype = torch.float32, kv_slots: int | None = 8192,
                  mem_fraction: float | None = None,
                  max_running: int = 256, max_step_tokens: int = 4096, eos_token_ids=(),
-                 cost_profile: str | None = None):
+                 tokenizer=None, sampling_scheme: str = "rejection", cost_profile: str | None = None,
+                 device: str = "cpu", attention_backend: str = "torch"):
+        """tokenizer: enables stop strings (make_request(stop=...)); sampling_scheme: how sampled
+        requests draw, see faser_sgl.managers.request.uses_coupled_sampling."""
         # kv_slots=None sizes the pool from mem_fraction of available memory, as the server does
         # without --max-total-tokens; with a draft, one budget covers both models' pools.
         self.speculative = draft_path is not None and policy != "none"
@@ -37,11 +40,12 @@ class OfflineEngine:
         if self.speculative:
             from faser_sgl.speculative.draft_worker import DraftWorker
 
-            draft_runner = DraftWorker.load(draft_path, dtype, "cpu", "torch")
-        self.runner = ModelRunner(target_path, dtype=dtype, max_total_tokens=kv_slots,
-                                  mem_fraction=mem_fraction, draft=draft_runner)
+            draft_runner = DraftWorker.load(draft_path, dtype, device, attention_backend)
+        self.runner = ModelRunner(target_path, dtype=dtype, device=device, attention_backend=attention_backend,
+                                  max_total_tokens=kv_slots, mem_fraction=mem_fraction, draft=draft_runner)
         self.sampler = Sampler()
         self.planner = BatchPlanner(self.runner.allocator, max_running, max_step_tokens)
+        self.stop_checker = StopChecker(tokenizer)
         # cost_profile: as --speculative-cost-profile (adaptive policy only).
         self.policy = make_policy(policy if self.speculative else "none", num_draft_tokens,
                                   cost_profile if self.speculative else None)
@@ -52,22 +56,35 @@ class OfflineEngine:
 
             draft = DraftWorker(draft_runner, self.runner)
             self.generator = SpeculativeGenerator(self.runner, draft, self.sampler, self.policy,
-                                                  self.runner.allocator)
+                                                  self.runner.allocator, self.stop_checker,
+                                                  max_step_tokens)
             self.generator.calibrate()
         else:
-            self.generator = TargetOnlyGenerator(self.runner, self.sampler)
-        self.stop_checker = StopChecker(None)
+            self.generator = TargetOnlyGenerator(self.runner, self.sampler, self.stop_checker)
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.sampling_scheme = sampling_scheme
         self._counter = 0
 
     def make_request(self, prompt: list[int], max_new_tokens: int, draft_len: int | None = None,
-                     stop_token_ids=None, **sampling) -> Request:
+                     stop_token_ids=None, stop: tuple[str, ...] = (), **sampling) -> Request:
         self._counter += 1
         stops = self.eos_token_ids if stop_token_ids is None else frozenset(stop_token_ids)
         opts = SamplingOptions.from_sglang(SamplingParamsLike(**sampling), self.runner.vocab_size, sorted(stops))
+        opts.coupled = uses_coupled_sampling(self.sampling_scheme, opts)
+        stop_str_tokens = 0
+        if stop:
+            if self.stop_checker.tokenizer is None:
+                raise ValueError("stop strings need the engine's tokenizer")
+            stop_str_tokens = max(len(self.stop_checker.tokenizer.encode(s, add_special_tokens=False))
+                                  for s in stop)
+        conditions = StopConditions(max_new_tokens=max_new_tokens, stop_token_ids=stops,
+                                    stop_strs=tuple(stop), stop_str_max_tokens=stop_str_tokens)
         return Request(rid=f"offline-{self._counter}", http_worker_ipc=None, prompt_ids=list(prompt),
-                       stop=StopConditions(max_new_tokens=max_new_tokens, stop_token_ids=stops),
-                       sampling=opts, stream=False, requested_draft_len=draft_len)
+                       stop=conditions, sampling=opts, stream=False, requested_draft_len=draft_len)
+
+    def abort(self, rid_prefix: str) -> list[Request]:
+        """Abort running or waiting requests by rid prefix, as the server's AbortReq does."""
+        return self.planner.abort(lambda r: r.rid.startswith(rid_prefix), finish_abort("Aborted by request"))
 
     def step(self) -> list[Request]:
         """One scheduler step; returns the requests that finished in it."""
@@ -75,11 +92,9 @@ class OfflineEngine:
         chunks = self.planner.plan(extra_slots_per_decode=extra)
         if not chunks:
             raise RuntimeError("the planner made no progress")
-        new = self.generator.generate(chunks)
+        self.generator.generate(chunks)  # appends each request's new tokens
         done = []
         for c in chunks:
-            if c.req in new:
-                self.stop_checker.append(c.req, new[c.req])
             if c.req.finished:
                 self.planner.release(c.req)
                 done.append(c.req)

@@ -41,6 +41,10 @@ class FaserOptions:
     # Adaptive policy only: "target=FIXED_MS+PER_TOKEN_MS,draft=FIXED_MS+PER_TOKEN_MS" pins its
     # cost model instead of measuring it (None: calibrate at start-up and learn from passes).
     speculative_cost_profile: str | None = None
+    # How sampled requests draw (faser_sgl.managers.request.uses_coupled_sampling): from their
+    # own random stream with rejection sampling of drafts, or by coupled Gumbel-max whose text
+    # does not depend on the draft lengths.
+    sampling_scheme: str = "seeded-coupled"
 
     def to_env(self) -> None:
         os.environ[ENV_VAR] = json.dumps(dataclasses.asdict(self))
@@ -77,6 +81,17 @@ class FaserOptions:
                            help="adaptive policy only: pin its cost model to these lines (milliseconds "
                                 "per pass plus per token, e.g. target=30+0.01,draft=2+0.01 for a GPU) "
                                 "instead of timing passes at start-up and while serving")
+
+        group.add_argument("--faser-sampling-scheme", choices=["rejection", "coupled", "seeded-coupled"],
+                           default=FaserOptions.sampling_scheme,
+                           help="how sampled (temperature > 0) requests draw tokens. rejection: each "
+                                "request's own random stream, drafts judged by standard rejection "
+                                "sampling (highest acceptance); coupled: Gumbel-max with noise of "
+                                "(seed, output position), drafts accepted when they equal the "
+                                "target's pick, so a seeded request's text is the same with any "
+                                "draft length, batch or policy and equal to target-only sampling; "
+                                "seeded-coupled: coupled for requests with a sampling_seed, "
+                                "rejection for the rest")
 
     @staticmethod
     def from_cli_args(args: argparse.Namespace) -> "FaserOptions":
@@ -115,4 +130,5 @@ class FaserOptions:
             speculative_draft_model_path=draft,
             speculative_num_draft_tokens=args.speculative_num_draft_tokens,
             speculative_cost_profile=profile,
+            sampling_scheme=args.faser_sampling_scheme,
         )

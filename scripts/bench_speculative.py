@@ -75,7 +75,7 @@ def main() -> None:
                            num_draft_tokens=max(args.ks + [args.adaptive_max]),
                            dtype=dtype, kv_slots=16384, eos_token_ids=[tok.eos_token_id])
     spec_gen: SpeculativeGenerator = engine.generator
-    plain_gen = TargetOnlyGenerator(engine.runner, engine.sampler)
+    plain_gen = TargetOnlyGenerator(engine.runner, engine.sampler, engine.stop_checker)
 
     def use(k: int | None, adaptive: bool = False):
         engine.speculative = k is not None

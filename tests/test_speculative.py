@@ -44,16 +44,28 @@ def pair(tiny_model_factory):
 
 
 @pytest.fixture(scope="module")
+def drafts(pair, partial_draft_path):
+    """Drafts by how often they agree with the target: never, partly, always."""
+    target, unrelated = pair
+    return {"unrelated": unrelated, "partial": partial_draft_path, "identical": target}
+
+
+def assert_partial_acceptance(gen) -> None:
+    """Both accepted and rejected drafts, in proportions no degenerate draft gives."""
+    assert gen.num_drafted > 0
+    assert 0.2 < gen.num_accepted / gen.num_drafted < 0.9, (gen.num_accepted, gen.num_drafted)
+
+
+@pytest.fixture(scope="module")
 def target_only_outputs(pair):
     engine = Engine(pair[0], None)
     return engine.run([engine.make_request(p, 24, temperature=0) for p in PROMPTS])
 
 
-@pytest.mark.parametrize("draft_kind", ["unrelated", "identical"])
-def test_greedy_ragged_lengths_identical_to_target_only(pair, target_only_outputs, draft_kind):
-    target, unrelated = pair
-    draft = unrelated if draft_kind == "unrelated" else target
-    engine = Engine(target, draft, k=4)
+@pytest.mark.parametrize("draft_kind", ["unrelated", "partial", "identical"])
+def test_greedy_ragged_lengths_identical_to_target_only(pair, drafts, target_only_outputs, draft_kind):
+    target, _ = pair
+    engine = Engine(target, drafts[draft_kind], k=4)
     # One batch whose requests draft 0..8 tokens per step.
     reqs = [engine.make_request(p, 24, draft_len=i % 9, temperature=0) for i, p in enumerate(PROMPTS)]
     assert engine.run(reqs) == target_only_outputs
@@ -61,14 +73,17 @@ def test_greedy_ragged_lengths_identical_to_target_only(pair, target_only_output
     assert gen.num_verify_steps > 0
     if draft_kind == "identical":
         assert gen.num_accepted == gen.num_drafted  # a perfect draft is always accepted
+    elif draft_kind == "unrelated":
+        assert gen.num_accepted == 0  # a rejection at the first draft, every time
     else:
-        assert gen.num_accepted < gen.num_drafted  # rejections happened and were rolled back
+        assert_partial_acceptance(gen)  # rollback after partial acceptance, in both caches
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
-def test_greedy_fixed_k_identical(pair, target_only_outputs, k):
-    engine = Engine(pair[0], pair[1], k=k)
+def test_greedy_fixed_k_identical(pair, partial_draft_path, target_only_outputs, k):
+    engine = Engine(pair[0], partial_draft_path, k=k)
     assert engine.run([engine.make_request(p, 24, temperature=0) for p in PROMPTS]) == target_only_outputs
+    assert_partial_acceptance(engine.generator)
 
 
 def _sample_outputs(engine: Engine, prompt: list[int], n: int, max_new: int, params: dict):
@@ -131,13 +146,14 @@ def test_rejection_sampling_matches_target_distribution(pair):
     assert chi2_pvalue(observed, [max(p, 1e-12) for p in expected_if_draft]) < 1e-6
 
 
-def test_randomized_accepts_rejects_aborts_stops_free_every_slot(pair):
-    """Random draft lengths, random stop tokens, random max_new_tokens and random aborts mid-way:
-    the survivors match target-only output exactly and the pool ends full."""
-    target, unrelated = pair
+def test_randomized_accepts_rejects_aborts_stops_free_every_slot(pair, partial_draft_path):
+    """Random draft lengths, random stop tokens, random max_new_tokens, aborts mid-way through the
+    scheduler's abort path, and a pool small enough to force retractions: the survivors match
+    target-only output exactly and the pool ends full."""
+    target, _ = pair
     rng = random.Random(7)
     ref = Engine(target, None)
-    spec = Engine(target, unrelated, k=6, slots=600, max_running=6)
+    spec = Engine(target, partial_draft_path, k=6, slots=90, max_running=6)
     for _round in range(3):
         prompts = [[rng.randrange(3, 250) for _ in range(rng.randrange(1, 30))] for _ in range(10)]
         limits = [rng.randrange(1, 30) for _ in prompts]
@@ -161,9 +177,14 @@ def test_randomized_accepts_rejects_aborts_stops_free_every_slot(pair):
             steps += 1
             if steps == 3:
                 for i in to_abort:
-                    spec.planner.release(reqs[i])
-                    reqs[i].finished_reason = {"type": "abort"}
+                    spec.abort(reqs[i].rid)  # what the server does on an AbortReq
         assert spec.runner.allocator.num_used == 0
+        assert not spec.planner.running and not spec.planner.waiting
         for i, r in enumerate(reqs):
-            if i not in to_abort:
+            if i in to_abort and r.finished_reason["type"] == "abort":
+                assert not r.kv_slots
+            else:
                 assert r.output_ids == expected[i], i
+        assert sum(r.finished_reason["type"] == "abort" for r in reqs) >= 1
+    assert spec.planner.num_retractions > 0
+    assert_partial_acceptance(spec.generator)

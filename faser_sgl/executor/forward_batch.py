@@ -68,7 +68,8 @@ class ForwardBatch:
             kv.append(kv[-1] + k)
 
         def t(x: list[int]) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.int64)
+            # Built on the host; ModelRunner.forward moves the batch to the model's device.
+            return torch.tensor(x, dtype=torch.int64, device="cpu")
 
         return ForwardBatch(
             input_ids=t(ids),

@@ -51,7 +51,8 @@ class RotaryEmbedding:
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         if device not in self._inv_freq:
-            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+            # On the host, as HF computes them, then moved: the same bits on every device.
+            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device="cpu").float() / self.head_dim
             inv = 1.0 / (self.theta ** exponents)
             if self.scaling is not None:
                 kind = self.scaling["rope_type"]

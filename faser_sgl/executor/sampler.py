@@ -30,6 +30,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from faser_sgl.kernels.coupled import coupled_tokens
+
 TOP_K_ALL = 1 << 30  # SGLang's "whole vocabulary"
 SAMPLING_EPS = 1e-6  # temperatures below this are greedy, as in SGLang
 
@@ -47,7 +49,12 @@ class SamplingOptions:
     stop_token_ids: tuple[int, ...] = ()  # masked while fewer than min_new_tokens outputs exist
     logit_bias: Optional[dict[int, float]] = None
     seed: Optional[int] = None
+    # Coupled sampling (faser_sgl/kernels/coupled.py): Gumbel-max with noise of (seed, output
+    # position), so the text does not depend on how many tokens were drafted.  Otherwise each
+    # sampled row takes the next uniform of the request's own stream.
+    coupled: bool = False
     generator: Optional[torch.Generator] = field(default=None, repr=False)
+    _noise_seed: Optional[int] = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.top_k is None or self.top_k == -1:
@@ -80,10 +87,18 @@ class SamplingOptions:
         """The request's CPU generator, created on first use: seeded from ``seed``, else from
         torch's global RNG (so a server started with a fixed random seed replays exactly)."""
         if self.generator is None:
-            seed = self.seed if self.seed is not None else int(torch.randint(0, 1 << 62, (1,)))
+            seed = self.seed if self.seed is not None else int(torch.randint(0, 1 << 62, (1,), device="cpu"))
             self.generator = torch.Generator(device="cpu")
             self.generator.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
         return self.generator
+
+    def noise_seed(self) -> int:
+        """The seed of coupled sampling's per-position noise: ``seed`` when given, else one draw
+        from the request's generator (fixed for the request's lifetime)."""
+        if self._noise_seed is None:
+            self._noise_seed = self.seed if self.seed is not None else int(
+                torch.randint(0, 1 << 62, (1,), generator=self.get_generator(), device="cpu"))
+        return self._noise_seed
 
     def validate(self, vocab_size: int) -> None:
         if not self.temperature > 0.0 or self.temperature != self.temperature:
@@ -173,16 +188,31 @@ class Sampler:
         """One token per row: [N] int64, on logits' device."""
         adjusted = self.adjusted_logits(logits, options, histories)
         if all(o.is_greedy for o in options):
-            return torch.argmax(adjusted, dim=-1)
-        probs = self._probs(adjusted, options)
-        uniforms = self.uniforms(options, probs.device)
-        return sample_from_probs(probs, uniforms)
+            return torch.topk(adjusted, 2, dim=-1).indices[:, 1]  # MUTATION
+        return self.draw(self._probs(adjusted, options), options, histories)
+
+    def draw(self, probs: torch.Tensor, options: Sequence[SamplingOptions],
+             histories: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+        """One token per row of ``probs`` (as ``probs`` returns them): [N] int64.  Coupled rows
+        pick by Gumbel-max with the noise of their output position (len(history): the row's
+        index in the output); the others by inverse CDF with one uniform from the request's
+        stream (greedy rows are one-hot, so both give their argmax and consume nothing)."""
+        coupled = [i for i, o in enumerate(options) if o.coupled and not o.is_greedy]
+        tokens = sample_from_probs(probs, self.uniforms(
+            [o if not o.coupled else _GREEDY for o in options], probs.device))
+        if coupled:
+            if histories is None:
+                raise ValueError("coupled sampling needs each row's history (its output position)")
+            rows = torch.tensor(coupled, device=probs.device)
+            tokens[rows] = coupled_tokens(probs[rows], [options[i].noise_seed() for i in coupled],
+                                          [len(histories[i]) for i in coupled])
+        return tokens
 
     @staticmethod
     def uniforms(options: Sequence[SamplingOptions], device: torch.device | str = "cpu") -> torch.Tensor:
         """One U[0, 1) draw per row from its request's generator (0 for greedy rows, which
         consume nothing): [N] float32."""
-        u = [float(torch.rand((), generator=o.get_generator())) if not o.is_greedy else 0.0
+        u = [float(torch.rand((), generator=o.get_generator(), device="cpu")) if not o.is_greedy else 0.0
              for o in options]
         return torch.tensor(u, dtype=torch.float32, device=device)
 
@@ -208,6 +238,9 @@ class Sampler:
             onehot.scatter_(1, torch.argmax(adjusted[rows], dim=-1, keepdim=True), 1.0)
             probs[rows] = onehot
         return probs
+
+
+_GREEDY = SamplingOptions(temperature=0.0)  # stands in for rows that draw no uniform
 
 
 def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

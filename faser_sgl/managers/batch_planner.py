@@ -48,6 +48,15 @@ class BatchPlanner:
         elif req in self.waiting:
             self.waiting.remove(req)
 
+    def abort(self, matches, reason: dict) -> list[Request]:
+        """Finish every running or waiting request for which matches(req) holds with ``reason``,
+        freeing all it holds; returns them (the caller reports them)."""
+        victims = [r for r in [*self.running, *self.waiting] if matches(r)]
+        for req in victims:
+            self.release(req)
+            req.finished_reason = reason
+        return victims
+
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 

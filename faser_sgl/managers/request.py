@@ -29,6 +29,21 @@ def finish_abort(message: str, status_code: Optional[int] = None) -> dict:
     return reason
 
 
+SAMPLING_SCHEMES = ("rejection", "coupled", "seeded-coupled")
+
+
+def uses_coupled_sampling(scheme: str, sampling) -> bool:
+    """Whether a request samples by coupled Gumbel-max (faser_sgl/kernels/coupled.py) rather than
+    from its own random stream with rejection sampling of drafts.  "rejection": never;
+    "coupled": every sampled request; "seeded-coupled": requests that carry a sampling_seed, so
+    their text does not depend on draft lengths, batch or policy."""
+    if scheme not in SAMPLING_SCHEMES:
+        raise ValueError(f"unknown sampling scheme {scheme!r}; choose one of {', '.join(SAMPLING_SCHEMES)}")
+    if sampling is None or sampling.is_greedy:
+        return False
+    return scheme == "coupled" or (scheme == "seeded-coupled" and sampling.seed is not None)
+
+
 @dataclass
 class StopConditions:
     max_new_tokens: int

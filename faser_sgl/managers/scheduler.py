@@ -21,7 +21,8 @@ import torch
 from faser_sgl.managers.batch_planner import BatchPlanner
 from faser_sgl.managers.control import ControlHandler
 from faser_sgl.managers.output_builder import build_output, should_send
-from faser_sgl.managers.request import Request, StopConditions, finish_abort, finish_length
+from faser_sgl.managers.request import (Request, StopConditions, finish_abort, finish_length,
+                                        uses_coupled_sampling)
 from faser_sgl.managers.stop_checker import StopChecker
 from faser_sgl.managers.token_generator import TargetOnlyGenerator
 from faser_sgl.options import FaserOptions
@@ -98,6 +99,7 @@ class Scheduler:
             max_step_tokens=server_args.chunked_prefill_size or options.max_step_tokens,
         )
         self.sampler = Sampler()
+        self.stop_checker = StopChecker(self.tokenizer)
         self.policy = make_policy(options.speculative_policy, options.speculative_num_draft_tokens, options.speculative_cost_profile)
         self.speculative = options.speculative_policy != "none"
         if self.speculative:
@@ -105,14 +107,14 @@ class Scheduler:
             from faser_sgl.speculative.spec_generator import SpeculativeGenerator
 
             draft = DraftWorker(draft_runner, self.runner)
-            self.generator = SpeculativeGenerator(self.runner, draft, self.sampler, self.policy, self.allocator)
+            self.generator = SpeculativeGenerator(self.runner, draft, self.sampler, self.policy, self.allocator,
+                                                  self.stop_checker, self.planner.max_step_tokens)
             seconds = self.generator.calibrate()
             if seconds:
                 logger.info("timed target and draft passes for the %s policy's cost model in %.1fs",
                             self.policy.name, seconds)
         else:
-            self.generator = TargetOnlyGenerator(self.runner, self.sampler)
-        self.stop_checker = StopChecker(self.tokenizer)
+            self.generator = TargetOnlyGenerator(self.runner, self.sampler, self.stop_checker)
         self.stream_interval = max(1, server_args.stream_interval or 1)
         self.metrics = None
         if server_args.enable_metrics:
@@ -236,6 +238,7 @@ class Scheduler:
             min_new_tokens=int(sp.min_new_tokens or 0),
         )
         sampling = SamplingOptions.from_sglang(sp, self.vocab_size, sorted(stop_ids))
+        sampling.coupled = uses_coupled_sampling(self.options.sampling_scheme, sampling)
         custom = getattr(sp, "custom_params", None) or {}
         draft_len = custom.get("num_draft_tokens") if isinstance(custom, dict) else None
         if draft_len is not None and (not isinstance(draft_len, int) or not 0 <= draft_len <= 64):
@@ -269,15 +272,9 @@ class Scheduler:
 
     def abort(self, msg) -> None:
         """AbortReq: by rid prefix (SGLang's rule) or all; frees everything the requests hold."""
-        victims = [
-            r for r in [*self.planner.running, *self.planner.waiting]
-            if msg.abort_all or r.rid.startswith(msg.rid)
-        ]
-        for req in victims:
-            self.planner.release(req)
-            req.finished_reason = msg.finished_reason or finish_abort(
-                msg.abort_message or "Aborted by request"
-            )
+        victims = self.planner.abort(
+            lambda r: msg.abort_all or r.rid.startswith(msg.rid),
+            msg.finished_reason or finish_abort(msg.abort_message or "Aborted by request"))
         self.stats["num_aborted_requests"] += len(victims)
         if victims:
             self.send_outputs(victims)
@@ -308,9 +305,8 @@ class Scheduler:
         to_send = []
         for chunk in chunks:
             req = chunk.req
-            tokens = new_tokens.get(req)
-            if tokens:
-                self.stats["num_generated_tokens"] += self.stop_checker.append(req, tokens)
+            # The generator appended them already, up to the request's stop condition.
+            self.stats["num_generated_tokens"] += len(new_tokens.get(req, ()))
             if req.finished:
                 self.planner.release(req)
                 self.stats["num_finished_requests"] += 1

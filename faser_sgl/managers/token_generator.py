@@ -6,20 +6,20 @@ produce several tokens per request per step through the same (chunks in, tokens 
 
 from __future__ import annotations
 
-import torch
-
 from faser_sgl.executor.forward_batch import ForwardBatch
 from faser_sgl.managers.batch_planner import ScheduledChunk
 from faser_sgl.managers.request import Request
 
 
 class TargetOnlyGenerator:
-    def __init__(self, runner, sampler):
+    def __init__(self, runner, sampler, stop_checker):
         self.runner = runner
         self.sampler = sampler
+        self.stop_checker = stop_checker
 
     def generate(self, chunks: list[ScheduledChunk]) -> dict[Request, list[int]]:
-        """Forward all chunks in one pass; return new tokens for chunks that need logits."""
+        """Forward all chunks in one pass; sample a token for each chunk that needs logits,
+        append it (stop checker) and return what was appended."""
         if not chunks:
             return {}
         batch = ForwardBatch.build(
@@ -37,4 +37,7 @@ class TargetOnlyGenerator:
             [r.output_ids for r in sampled_reqs],
             [r.prompt_ids for r in sampled_reqs],
         )
-        return {req: [int(t)] for req, t in zip(sampled_reqs, torch.as_tensor(tokens).tolist())}
+        out = {}
+        for req, token in zip(sampled_reqs, tokens.tolist()):
+            out[req] = [token][: self.stop_checker.append(req, [token])]
+        return out

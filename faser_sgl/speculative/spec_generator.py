@@ -8,7 +8,9 @@ One step, for the requests that decode this step:
   3. the target verifies [newest token, d_1..d_k_i] for all requests in ONE ragged forward pass;
   4. accept/reject (greedy: longest matching prefix; sampling: rejection sampling) emits
      a_i accepted drafts plus one token from the target;
-  5. the slots of rejected drafts go back to the pool (both caches share them).
+  5. the slots of rejected drafts go back to the pool (both caches share them);
+  6. the emitted tokens are appended up to the request's stop condition, and only what was
+     kept counts as accepted.
 Prefill chunks ride along in the same target pass.  The draft model is fed lazily: a request
 that drafts nothing this step (or is still in prefill) costs the draft nothing; the first pass of
 its next drafting step feeds everything the draft has not seen, in one ragged pass.  So a policy
@@ -24,18 +26,22 @@ import torch
 
 from faser_sgl import kernels
 from faser_sgl.executor.forward_batch import ForwardBatch
-from faser_sgl.executor.sampler import sample_from_probs
 from faser_sgl.managers.batch_planner import ScheduledChunk
 from faser_sgl.managers.request import Request
 
 
 class SpeculativeGenerator:
-    def __init__(self, target_runner, draft_worker, sampler, policy, allocator):
+    def __init__(self, target_runner, draft_worker, sampler, policy, allocator, stop_checker,
+                 max_step_tokens: int | None = None):
         self.target = target_runner
         self.draft = draft_worker
         self.sampler = sampler
         self.policy = policy
         self.allocator = allocator
+        self.stop_checker = stop_checker
+        # Token budget of one draft pass, as chunked prefill bounds a target pass: a request the
+        # draft lags far behind (a long prompt, a retraction) is caught up over several steps.
+        self.max_step_tokens = max_step_tokens
         self.num_verify_steps = 0
         self.num_drafted = 0
         self.num_accepted = 0
@@ -94,13 +100,26 @@ class SpeculativeGenerator:
         return time.perf_counter() - start
 
     # -- draft length ------------------------------------------------------------------------
-    def _draft_lengths(self, decodes: list[Request], step_tokens: int) -> list[int]:
+    def _draft_lengths(self, decodes: list[Request], step_tokens: int) -> tuple[list[int], dict[int, int]]:
+        """Per request: drafts this step (slots allocated), and for requests that wanted to draft
+        but whose catch-up does not fit this step's draft budget, how many unseen tokens to feed
+        the draft model now (they draft on a later step)."""
         wanted = self.policy.choose_lengths(decodes, step_tokens)
-        lengths = []
+        budget = self.max_step_tokens if self.max_step_tokens is not None else float("inf")
+        lengths, catch_up = [], {}
         for req, k in zip(decodes, wanted):
             # One token always comes from the target, so at most remaining-1 drafts are useful.
             remaining = req.stop.max_new_tokens - len(req.output_ids)
             k = max(0, min(k, remaining - 1))
+            if k > 0:
+                lag = len(req.kv_slots) - req.draft_cached  # tokens pass 0 must feed
+                if lag > budget:
+                    if budget > 0:
+                        catch_up[id(req)] = int(budget)
+                        budget = 0
+                    k = 0
+                else:
+                    budget -= lag
             if k > 0:
                 slots = self.allocator.alloc(k)
                 if slots is None:
@@ -108,18 +127,20 @@ class SpeculativeGenerator:
                 else:
                     req.kv_slots.extend(slots)
             lengths.append(k)
-        return lengths
+        return lengths, catch_up
 
     # -- one step ----------------------------------------------------------------------------
     def generate(self, chunks: list[ScheduledChunk]) -> dict[Request, list[int]]:
+        """Run one step; append each request's new tokens up to its stop condition (stop
+        checker) and return the tokens appended."""
         if not chunks:
             return {}
         decodes = [c.req for c in chunks if c.needs_logits and len(c.tokens) == 1]
-        lengths = self._draft_lengths(decodes, sum(len(c.tokens) for c in chunks))
+        lengths, catch_up = self._draft_lengths(decodes, sum(len(c.tokens) for c in chunks))
         if self.on_draft_lengths is not None and lengths:
             self.on_draft_lengths(lengths)
         k_of = {id(r): k for r, k in zip(decodes, lengths)}
-        drafts, draft_probs = self._run_draft(decodes, lengths)
+        drafts, draft_probs = self._run_draft(decodes, lengths, catch_up)
 
         # Target pass: prefill chunks as planned; decodes feed newest token + drafts.
         feeds, slot_lists, rows = [], [], []
@@ -144,6 +165,7 @@ class SpeculativeGenerator:
             offset += k + 1
             emitted = self._accept(req, drafts.get(id(req), []), req_logits, draft_probs.get(id(req)))
             accepted = len(emitted) - 1
+            kept = self.stop_checker.append(req, emitted)
             if k > 0:
                 # Roll back: the rejected drafts' slots (both caches) return to the pool.
                 rejected = k - accepted
@@ -151,38 +173,54 @@ class SpeculativeGenerator:
                     self.allocator.free(req.kv_slots[-rejected:])
                     del req.kv_slots[-rejected:]
                 req.draft_cached = min(req.draft_cached, len(req.kv_slots))
-                req.spec_verify_ct += 1
-                req.spec_accepted_drafts += accepted
-                req.spec_drafted_tokens += k
-                self.num_verify_steps += 1
-                self.num_drafted += k
-                self.num_accepted += accepted
-                self.policy.observe(req, k, accepted)
-                if self.on_verify is not None:
-                    self.on_verify(k, accepted)
-            out[req] = emitted
+                self._count_verification(req, k, accepted, kept)
+            out[req] = emitted[:kept]
         # Prefill-only chunks: nothing to emit (the draft sees their tokens when they draft).
         return out
 
-    def _run_draft(self, decodes, lengths):
+    def _count_verification(self, req: Request, drafted: int, accepted: int, kept: int) -> None:
+        """Counters and policy feedback for one verification.  When a stop token or string ends
+        the output inside the run (kept <= accepted), what follows the stop never happened: the
+        pass counts kept - 1 accepted drafts, as its tokens (kept) are accepted + the target's
+        one everywhere else, so tokens per pass and acceptance estimates stay honest."""
+        if kept <= accepted:
+            drafted = accepted = kept - 1
+        req.spec_verify_ct += 1
+        req.spec_accepted_drafts += accepted
+        req.spec_drafted_tokens += drafted
+        self.num_verify_steps += 1
+        self.num_drafted += drafted
+        self.num_accepted += accepted
+        self.policy.observe(req, drafted, accepted)
+        if self.on_verify is not None:
+            self.on_verify(drafted, accepted)
+
+    def _run_draft(self, decodes, lengths, catch_up: dict[int, int]):
         """Autoregressive draft passes; returns per-request draft tokens and their q rows."""
         drafts: dict[int, list[int]] = {id(r): [] for r in decodes}
         probs: dict[int, list[torch.Tensor]] = {id(r): [] for r in decodes}
         k_of = {id(r): k for r, k in zip(decodes, lengths)}
         step_reqs = [r for r, k in zip(decodes, lengths) if k > 0]
-        if not step_reqs:
+        behind = [r for r in decodes if id(r) in catch_up]
+        if not step_reqs and not behind:
             return drafts, probs
         # Pass 0 catches the draft cache up: each drafting request feeds every committed token
         # the draft has not seen (its whole prompt after a prefill, a few tokens after steps
-        # without drafting, at least its newest token), and its last row gives d_1.
+        # without drafting, at least its newest token), and its last row gives d_1.  Requests
+        # whose lag exceeds the step's budget only feed a chunk of it (their rows are unused).
         feeds, slot_lists = [], []
         for req in step_reqs:
             committed = len(req.kv_slots) - k_of[id(req)]
             feeds.append(req.all_ids[req.draft_cached:committed])
             slot_lists.append(req.kv_slots[:committed])
             req.draft_cached = committed
-        step_logits = self._timed("draft", feeds, self.draft.forward, feeds, slot_lists)
-        for _ in range(max(lengths)):
+        for req in behind:
+            upto = req.draft_cached + catch_up[id(req)]
+            feeds.append(req.all_ids[req.draft_cached:upto])
+            slot_lists.append(req.kv_slots[:upto])
+            req.draft_cached = upto
+        step_logits = self._timed("draft", feeds, self.draft.forward, feeds, slot_lists)[: len(step_reqs)]
+        for _ in range(max(lengths, default=0)):
             tokens = self._draft_sample(step_reqs, step_logits, drafts, probs)
             nxt = [(r, t) for r, t in zip(step_reqs, tokens) if len(drafts[id(r)]) < k_of[id(r)]]
             if not nxt:
@@ -206,13 +244,12 @@ class SpeculativeGenerator:
         return logits
 
     def _draft_sample(self, reqs, logits, drafts, probs) -> list[int]:
-        """Sample each request's next draft token from q (its final draft distribution), drawing
-        from the request's own generator so that seeded requests are reproducible."""
+        """Sample each request's next draft token from q (its final draft distribution): from
+        the request's own generator, or by coupled Gumbel-max at the token's output position."""
         histories = [r.output_ids + drafts[id(r)] for r in reqs]
         opts = [r.sampling for r in reqs]
         q = self.sampler.probs(logits, opts, histories, [r.prompt_ids for r in reqs])
-        # Greedy rows of q are one-hot, so inverse-CDF sampling returns their argmax.
-        tokens = sample_from_probs(q, self.sampler.uniforms(opts, q.device)).tolist()
+        tokens = self.sampler.draw(q, opts, histories).tolist()
         for i, (r, t) in enumerate(zip(reqs, tokens)):
             drafts[id(r)].append(t)
             probs[id(r)].append(q[i])
@@ -223,14 +260,19 @@ class SpeculativeGenerator:
         histories = [req.output_ids + draft[:j] for j in range(k + 1)]
         opts = [req.sampling] * (k + 1)
         prompts = [req.prompt_ids] * (k + 1)
-        indptr = torch.tensor([0, k], dtype=torch.int64)
-        draft_t = torch.tensor(draft, dtype=torch.int64)
+        device = logits.device  # everything the kernels read lives beside the logits
+        indptr = torch.tensor([0, k], dtype=torch.int64, device=device)
+        draft_t = torch.tensor(draft, dtype=torch.int64, device=device)
         if req.sampling.is_greedy:
             target_tokens = self.sampler.greedy_tokens(logits, opts, histories, prompts)
             _, emitted, n = kernels.greedy_accept(draft_t, indptr, target_tokens)
+        elif req.sampling.coupled:
+            # The target's own Gumbel-max pick at each position; a draft is accepted iff equal.
+            p = self.sampler.probs(logits, opts, histories, prompts)
+            _, emitted, n = kernels.greedy_accept(draft_t, indptr, self.sampler.draw(p, opts, histories))
         else:
             p = self.sampler.probs(logits, opts, histories, prompts)
             q = torch.stack(q_rows) if k else p.new_zeros((0, p.shape[1]))
-            acc_u, samp_u = kernels.make_uniforms(indptr, [req.sampling.get_generator()], p.device)
+            acc_u, samp_u = kernels.make_uniforms(indptr, [req.sampling.get_generator()], device)
             _, emitted, n = kernels.rejection_sample(draft_t, indptr, q, p, acc_u, samp_u)
         return emitted[0, : int(n[0])].tolist()

@@ -55,7 +55,7 @@ class FlashInferAttention(AttentionBackend):
         qo_indptr = batch.qo_indptr.to("cpu", torch.int32)
         kv_indptr = batch.kv_indptr.to("cpu", torch.int32)
         kv_indices = batch.kv_indices.to(self.device, torch.int32)
-        last_page_len = torch.ones(batch.batch_size, dtype=torch.int32)
+        last_page_len = torch.ones(batch.batch_size, dtype=torch.int32, device="cpu")
         self.wrapper.plan(
             qo_indptr,
             kv_indptr,
