@@ -28,26 +28,50 @@ def sse_events(response) -> list[dict]:
     return events
 
 
+@pytest.fixture(scope="module")
+def hf_ref(tiny_model_path):
+    """The independent reference: HF transformers float32 and the tiny model's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    return load_hf_model(tiny_model_path), AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+def hf_continuation(hf_ref, prompt_ids: list[int], n: int) -> tuple[list[int], str]:
+    """HF's greedy ids for prompt_ids and their text (special tokens skipped, as the server does)."""
+    model, tokenizer = hf_ref
+    ids = hf_greedy(model, list(prompt_ids), n)
+    return ids, tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def chat_prompt_ids(tokenizer, messages) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 @pytest.fixture(autouse=True)
 def kv_pool_free_after_each_test(tiny_server):
     yield
     tiny_server.wait_kv_free()
 
 
-def test_generate_text_non_streaming(tiny_server):
+def test_generate_text_non_streaming(tiny_server, hf_ref):
     out = generate(tiny_server, text="def foo(x):", sampling_params={
         "max_new_tokens": 12, "temperature": 0, "ignore_eos": True})
     meta = out["meta_info"]
+    prompt_ids = hf_ref[1].encode("def foo(x):")
+    ref_ids, ref_text = hf_continuation(hf_ref, prompt_ids, 12)
     assert meta["completion_tokens"] == 12
-    assert meta["prompt_tokens"] > 0
+    assert meta["prompt_tokens"] == len(prompt_ids)
     assert meta["finish_reason"] == {"type": "length", "length": 12}
-    assert len(out["output_ids"]) == 12
-    assert isinstance(out["text"], str) and out["text"]
+    assert out["output_ids"] == ref_ids
+    assert out["text"] == ref_text
 
 
-def test_streaming_matches_non_streaming(tiny_server):
+def test_streaming_matches_non_streaming(tiny_server, hf_ref):
     params = {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}
     whole = generate(tiny_server, text="hello world", sampling_params=params)
+    ref_ids, ref_text = hf_continuation(hf_ref, hf_ref[1].encode("hello world"), 16)
+    assert whole["output_ids"] == ref_ids and whole["text"] == ref_text
     r = requests.post(f"{tiny_server.base_url}/generate", stream=True, timeout=120,
                       json={"text": "hello world", "sampling_params": params, "stream": True})
     assert r.status_code == 200
@@ -57,13 +81,17 @@ def test_streaming_matches_non_streaming(tiny_server):
     texts = [e["text"] for e in events]
     assert all(b.startswith(a.rstrip("\ufffd")) for a, b in zip(texts, texts[1:]))
     assert texts[-1] == whole["text"]
+    # ...and all output ids so far.
+    ids = [e["output_ids"] for e in events]
+    assert all(b[:len(a)] == a and len(b) > len(a) for a, b in zip(ids, ids[1:]))
+    assert ids[-1] == ref_ids
     assert events[-1]["meta_info"]["finish_reason"]["type"] == "length"
     assert events[-1]["meta_info"]["completion_tokens"] == 16
 
 
-def test_greedy_batch_matches_transformers(tiny_server, tiny_model_path):
+def test_greedy_batch_matches_transformers(tiny_server, hf_ref):
     """Mixed-length prompts served concurrently give HF's float32 greedy tokens exactly."""
-    hf = load_hf_model(tiny_model_path)
+    hf = hf_ref[0]
     prompts = [[5, 17, 33], list(range(40, 90)), [7] * 11, list(range(100, 123)), [3, 9]]
     lengths = [20, 8, 30, 15, 25]
     expected = [hf_greedy(hf, p, n) for p, n in zip(prompts, lengths)]
@@ -108,18 +136,21 @@ def test_seeded_sampling_is_reproducible(tiny_server):
     assert a != c["output_ids"]
 
 
-def test_openai_completions(tiny_server):
+def test_openai_completions(tiny_server, hf_ref):
     r = requests.post(f"{tiny_server.base_url}/v1/completions", timeout=120, json={
         "model": "tiny", "prompt": "def add(a, b):", "max_tokens": 10, "temperature": 0,
         "ignore_eos": True})
     assert r.status_code == 200, r.text
     body = r.json()
+    prompt_ids = hf_ref[1].encode("def add(a, b):")
+    _, ref_text = hf_continuation(hf_ref, prompt_ids, 10)
+    assert body["usage"]["prompt_tokens"] == len(prompt_ids)
     assert body["usage"]["completion_tokens"] == 10
     assert body["choices"][0]["finish_reason"] == "length"
-    assert isinstance(body["choices"][0]["text"], str)
+    assert body["choices"][0]["text"] == ref_text
 
 
-def test_openai_chat_streaming(tiny_server):
+def test_openai_chat_streaming(tiny_server, hf_ref):
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{tiny_server.base_url}/v1", api_key="none")
@@ -134,9 +165,14 @@ def test_openai_chat_streaming(tiny_server):
     whole = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hello there"}],
         max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
-    assert "".join(pieces) == whole.choices[0].message.content
+    # The server applies the model's chat template; HF continues the same templated prompt.
+    prompt_ids = chat_prompt_ids(hf_ref[1], [{"role": "user", "content": "hello there"}])
+    _, ref_text = hf_continuation(hf_ref, prompt_ids, 12)
+    assert whole.choices[0].message.content == ref_text
+    assert "".join(pieces) == ref_text
     assert finish == "length"
     assert whole.usage.completion_tokens == 12
+    assert whole.usage.prompt_tokens == len(prompt_ids)
 
 
 def test_info_flush_and_health_endpoints(tiny_server, tiny_model_path):
@@ -150,7 +186,7 @@ def test_info_flush_and_health_endpoints(tiny_server, tiny_model_path):
     assert requests.get(f"{tiny_server.base_url}/health_generate", timeout=60).status_code == 200
 
 
-def test_sgl_frontend_program(tiny_server):
+def test_sgl_frontend_program(tiny_server, hf_ref):
     import sglang as sgl
 
     @sgl.function
@@ -164,11 +200,20 @@ def test_sgl_frontend_program(tiny_server):
     state = multi_turn.run(question_1="what is x?", question_2="and y?", backend=backend)
     msgs = state.messages()
     assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
-    assert state["answer_1"] and state["answer_2"]
     assert msgs[1]["content"] == state["answer_1"]
-    # The second turn saw the first: running it again gives the same greedy answers.
-    again = multi_turn.run(question_1="what is x?", question_2="and y?", backend=backend)
-    assert again["answer_2"] == state["answer_2"]
+    # The frontend rendered the conversation with its chat template (for this model: SGLang's
+    # plain default) and sent /generate the text so far at each gen().
+    roles = backend.get_chat_template().role_prefix_and_suffix
+    (user_pre, user_suf), (asst_pre, asst_suf) = roles["user"], roles["assistant"]
+    prompt_1 = user_pre + "what is x?" + user_suf + asst_pre
+    prompt_2 = prompt_1 + state["answer_1"] + asst_suf + user_pre + "and y?" + user_suf + asst_pre
+    assert state.text() == prompt_2 + state["answer_2"] + asst_suf
+    for prompt, answer in ((prompt_1, state["answer_1"]), (prompt_2, state["answer_2"])):
+        direct = generate(tiny_server, text=prompt, sampling_params={
+            "max_new_tokens": 8, "temperature": 0, "ignore_eos": True})
+        assert answer == direct["text"]
+        # The second answer continued the text holding the first: the same greedy tokens HF gives.
+        assert direct["output_ids"] == hf_continuation(hf_ref, hf_ref[1].encode(prompt), 8)[0]
 
 
 def test_bench_serving_random_ids(tiny_server, tiny_model_path, tmp_path):
@@ -187,7 +232,10 @@ def test_bench_serving_random_ids(tiny_server, tiny_model_path, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out_file.read_text().strip().splitlines()[-1])
     assert result["completed"] == 6
-    assert result["total_output_tokens"] > 0
+    # random-ids with range ratio 1.0: every prompt has 32 ids and asks for exactly 8 tokens
+    # (bench_serving sets ignore_eos), so the server must have produced all 6 * 8 of them.
+    assert result["total_input_tokens"] == 6 * 32
+    assert result["total_output_tokens"] == 6 * 8
 
 
 def test_unsupported_control_requests_get_an_answer(tiny_server):
