@@ -181,12 +181,17 @@ def test_coupled_sampling_gives_the_same_text_whatever_k_batch_or_policy(target,
     target_only = _seeded_outputs(Engine(target, None, sampling_scheme="coupled"), seeds)
     assert len({tuple(o) for o in target_only}) == len(seeds)  # really sampled
     outputs = {}
-    for k in (1, 2, 3, 5):
+    for k in (1, 3, 5):
         engine = Engine(target, partial_draft_path, k=k, sampling_scheme="coupled")
         outputs[k] = _seeded_outputs(engine, seeds)
         assert outputs[k] == target_only, k
         gen = engine.generator
         assert 0 < gen.num_accepted < gen.num_drafted
+    # The adaptive policy: lengths vary per request and per step with its estimates.
+    adaptive = Engine(target, partial_draft_path, k=4, policy="adaptive", sampling_scheme="coupled",
+                      cost_profile="target=20+0.5,draft=1+0.1")
+    assert _seeded_outputs(adaptive, seeds) == target_only
+    assert adaptive.generator.num_verify_steps > 0
     # Ragged lengths in one batch, and each request alone.
     engine = Engine(target, partial_draft_path, k=4, sampling_scheme="coupled")
     assert _seeded_outputs(engine, seeds, draft_lens=[i % 6 for i in seeds]) == target_only
