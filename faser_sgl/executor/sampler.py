@@ -188,7 +188,7 @@ class Sampler:
         """One token per row: [N] int64, on logits' device."""
         adjusted = self.adjusted_logits(logits, options, histories)
         if all(o.is_greedy for o in options):
-            return torch.topk(adjusted, 2, dim=-1).indices[:, 1]  # MUTATION
+            return torch.argmax(adjusted, dim=-1)
         return self.draw(self._probs(adjusted, options), options, histories)
 
     def draw(self, probs: torch.Tensor, options: Sequence[SamplingOptions],
