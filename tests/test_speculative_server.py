@@ -108,11 +108,34 @@ def test_invalid_draft_length_is_a_400(spec_server):
     server.wait_kv_free()
 
 
-def test_sampling_with_speculation_is_seeded(spec_server):
-    server, _ = spec_server
-    body = {"input_ids": [4, 5, 6], "sampling_params": {
-        "max_new_tokens": 16, "temperature": 0.9, "top_p": 0.95, "sampling_seed": 7, "ignore_eos": True}}
-    a = requests.post(f"{server.base_url}/generate", json=body, timeout=60).json()["output_ids"]
-    b = requests.post(f"{server.base_url}/generate", json=body, timeout=60).json()["output_ids"]
-    assert a == b and len(a) == 16
+def test_seeded_sampling_is_the_same_text_whatever_the_draft_length(spec_server):
+    """The default scheme (seeded-coupled) samples a seeded request by Gumbel-max with noise of
+    (seed, position): any draft length, alone or in a busy batch, gives the text that target-only
+    coupled sampling of that seed gives in-process."""
+    from spec_harness import Engine
+
+    server, target = spec_server
+    params = {"max_new_tokens": 16, "temperature": 0.9, "top_p": 0.95, "ignore_eos": True}
+
+    def run(args):
+        seed, k = args
+        r = requests.post(f"{server.base_url}/generate", timeout=120, json={
+            "input_ids": [4, 5, 6], "sampling_params": {
+                **params, "sampling_seed": seed, "custom_params": {"num_draft_tokens": k}}})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    jobs = [(seed, k) for seed in (7, 8) for k in (0, 1, 3, 6)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = dict(zip(jobs, pool.map(run, jobs)))
+    alone = run((7, 2))
+    reference = Engine(target, None, sampling_scheme="coupled")
+    expected = {seed: reference.run([reference.make_request([4, 5, 6], 16, sampling_seed=seed, ignore_eos=True,
+                                                            temperature=0.9, top_p=0.95)])[0]
+                for seed in (7, 8)}
+    assert expected[7] != expected[8]
+    for (seed, k), body in answers.items():
+        assert body["output_ids"] == expected[seed], (seed, k)
+    assert alone["output_ids"] == expected[7]
+    assert any(body["meta_info"]["spec_num_correct_drafts"] > 0 for body in answers.values())
     server.wait_kv_free()
