@@ -106,6 +106,20 @@ def inverse_cdf(int_weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
     return index.clamp_(max=int_weights.shape[-1] - 1)
 
 
+def accept_mask(u: torch.Tensor, q_x: torch.Tensor, p_x: torch.Tensor) -> torch.Tensor:
+    """The accept test, elementwise on float64: ``u * q(x) < p(x)``, i.e. accept with probability
+    min(1, p(x) / q(x)).  A plain function that rejection_sample looks up at call time, so tests
+    can inject a wrong rule (the Triton kernel mirrors this expression)."""
+    return u * q_x < p_x
+
+
+def residual_weights(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Unnormalised float32 weights of the token sampled at a rejection: ``max(p - q, 0)``.  Also
+    used for the bonus token with q == 0 (max(p - 0, 0) == p bit-exactly).  Looked up at call
+    time like accept_mask (the Triton kernel mirrors it in _fixed_point_weights)."""
+    return torch.clamp_min(p - q, 0.0)
+
+
 def _sample_rows(target_probs, draft_probs, p_rows, q_rows, use_residual, uniforms):
     """Sample one token per row from norm(max(p - q, 0)) (or p when use_residual is False or the
     residual is all zero).  Processed in chunks so the int64 scratch stays bounded for large V."""
@@ -118,7 +132,7 @@ def _sample_rows(target_probs, draft_probs, p_rows, q_rows, use_residual, unifor
         q = draft_probs[q_rows[sl]].to(torch.float32) if draft_probs.shape[0] else torch.zeros_like(p)
         # q is zeroed (not skipped) where the residual is not used: max(p - 0, 0) == p bit-exactly.
         q = torch.where(use_residual[sl, None], q, 0.0)
-        weights = to_fixed_point(torch.clamp_min(p - q, 0.0))
+        weights = to_fixed_point(residual_weights(p, q))
         empty = weights.sum(dim=-1) == 0  # p == q numerically: fall back to p
         weights = torch.where(empty[:, None], to_fixed_point(p), weights)
         out[sl] = inverse_cdf(weights, uniforms[sl])
@@ -146,7 +160,7 @@ def rejection_sample(draft_tokens: torch.Tensor, draft_indptr: torch.Tensor, dra
     draft_rows = torch.arange(total_drafts, device=device)
     p_x = target_probs[draft_rows + req, tokens].to(torch.float32).to(torch.float64)
     q_x = draft_probs[draft_rows, tokens].to(torch.float32).to(torch.float64)
-    accepted = accept_uniforms.to(torch.float64) * q_x < p_x
+    accepted = accept_mask(accept_uniforms.to(torch.float64), q_x, p_x)
     num_accepted = _first_failure(accepted, req, pos, lengths)
 
     rejected = num_accepted < lengths
