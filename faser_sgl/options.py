@@ -23,7 +23,8 @@ class FaserOptions:
     # Executor dtype; "auto" = bfloat16 on CUDA, float32 on CPU (float32 keeps greedy output
     # identical to a float32 reference, which the tests check).
     dtype: str = "auto"
-    # KV slots of the pool when --max-total-tokens is not given.
+    # KV slots of the pool on a CPU when --max-total-tokens is not given (a GPU sizes its pool
+    # from the memory left after loading the weights).
     default_kv_slots: int = 32768
     # Tokens a single forward pass may process (prefill chunks + decode tokens).
     max_step_tokens: int = 2048

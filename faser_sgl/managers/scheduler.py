@@ -72,7 +72,12 @@ class Scheduler:
             dtype=self.dtype,
             device=self.device,
             attention_backend=options.attention_backend,
-            max_total_tokens=server_args.max_total_tokens or options.default_kv_slots,
+            # Without --max-total-tokens: on a GPU, as SGLang does, as many slots as 80% of the
+            # memory left after both models' weights holds (one budget for both KV pools,
+            # model_runner.DEFAULT_MEM_FRACTION); on a CPU a fixed pool, since RAM is not what
+            # limits how many requests a CPU serves.
+            max_total_tokens=server_args.max_total_tokens or (
+                None if self.device == "cuda" else options.default_kv_slots),
             draft=draft_runner,
         )
         config = self.runner.config
