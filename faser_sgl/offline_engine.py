@@ -30,7 +30,7 @@ class OfflineEngine:
                  mem_fraction: float | None = None,
                  max_running: int = 256, max_step_tokens: int = 4096, eos_token_ids=(),
                  tokenizer=None, sampling_scheme: str = "rejection", cost_profile: str | None = None,
-                 device: str = "cpu", attention_backend: str = "torch"):
+                 device: str = "cpu", attention_backend: str = "torch", cpu_linear: str = "auto"):
         """tokenizer: enables stop strings (make_request(stop=...)); sampling_scheme: how sampled
         requests draw, see faser_sgl.managers.request.uses_coupled_sampling."""
         # kv_slots=None sizes the pool from mem_fraction of available memory, as the server does
@@ -40,8 +40,9 @@ class OfflineEngine:
         if self.speculative:
             from faser_sgl.speculative.draft_worker import DraftWorker
 
-            draft_runner = DraftWorker.load(draft_path, dtype, device, attention_backend)
+            draft_runner = DraftWorker.load(draft_path, dtype, device, attention_backend, cpu_linear)
         self.runner = ModelRunner(target_path, dtype=dtype, device=device, attention_backend=attention_backend,
+                                  cpu_linear=cpu_linear,
                                   max_total_tokens=kv_slots, mem_fraction=mem_fraction, draft=draft_runner)
         self.sampler = Sampler()
         self.planner = BatchPlanner(self.runner.allocator, max_running, max_step_tokens)

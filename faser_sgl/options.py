@@ -31,6 +31,9 @@ class FaserOptions:
     # Non-streaming requests still send their ids to the detokenizer every this many tokens,
     # so that its incremental state stays small.
     non_stream_flush_interval: int = 50
+    # CPU float32 linear layers: "auto" = executor/cpu_linear.py (pre-packed oneDNN weights at
+    # the row counts where start-up timing finds them faster), "off" = torch's F.linear.
+    cpu_linear: str = "auto"
     # Torch intra-op threads for the scheduler process (0 = torch default).
     num_threads: int = 0
     # Speculative decoding: none (target only), fixed (K drafts per request per step, the
@@ -64,6 +67,11 @@ class FaserOptions:
                            default="auto", help="executor dtype (auto: bf16 on CUDA, fp32 on CPU)")
         group.add_argument("--faser-max-step-tokens", type=int, default=FaserOptions.max_step_tokens,
                            help="token budget of one forward pass (prefill chunks + decodes)")
+        group.add_argument("--faser-cpu-linear", choices=["auto", "off"], default=FaserOptions.cpu_linear,
+                           help="CPU float32 projections and LM head: auto = pre-packed oneDNN weights "
+                                "where timing at start-up finds them faster (verification passes of "
+                                "several tokens cost little more than one; a second copy of the "
+                                "weights), off = torch's F.linear")
         group.add_argument("--faser-num-threads", type=int, default=0,
                            help="torch threads in the scheduler process (0: torch default)")
         group.add_argument("--speculative-policy", choices=["none", "fixed", "adaptive", "faser"],
@@ -127,6 +135,7 @@ class FaserOptions:
             dtype=args.faser_dtype,
             max_step_tokens=args.faser_max_step_tokens,
             num_threads=args.faser_num_threads,
+            cpu_linear=args.faser_cpu_linear,
             speculative_policy=args.speculative_policy,
             speculative_draft_model_path=draft,
             speculative_num_draft_tokens=args.speculative_num_draft_tokens,

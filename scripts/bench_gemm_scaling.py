@@ -14,7 +14,8 @@ drafting pays off.  For every distinct projection shape of the embedded target a
   ``torch.ops.mkl._mkl_linear``).
 
 Then one full target forward pass (faser_sgl's executor, one sequence, logits on every row as a
-verification has) at the same row counts, and the read bandwidth of ``torch.sum`` over a 512 MB
+verification has) at the same row counts, with F.linear everywhere (``cpu_linear="off"``, the
+old path) and with executor/cpu_linear.py (``"auto"``, the new one), and the read bandwidth of ``torch.sum`` over a 512 MB
 tensor, against which a 1-row pass's weight traffic is measured.  Times are medians of repeats.
 """
 
@@ -28,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-PACK_ROWS = 8
+from faser_sgl.executor.cpu_linear import PACK_ROWS, TIMED_ROWS
 
 
 def median_ms(fn, repeats: int = 15) -> float:
@@ -114,18 +115,24 @@ def main() -> None:
 
     from faser_sgl.executor.model_runner import ModelRunner
 
-    runner = ModelRunner(str(target), dtype=torch.float32, max_total_tokens=256)
-    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-    print(f"\nfull target pass (faser_sgl executor, {weight_bytes / 1e9:.2f} GB of weights, "
-          "logits on every row):\n")
-    print("| rows | ms | vs 1 row | weight read GB/s | vs torch.sum |")
-    print("|---|---|---|---|---|")
-    base = None
-    for r in args.rows:
-        ms = full_pass_ms(runner, r)
-        base = base or ms
-        gbs = weight_bytes / (ms / 1e3) / 1e9
-        print(f"| {r} | {ms:.1f} | {ms / base:.2f}x | {gbs:.1f} | {gbs / sum_gbs:.0%} |", flush=True)
+    results = {}
+    for path in ("off", "auto"):
+        runner = ModelRunner(str(target), dtype=torch.float32, max_total_tokens=256, cpu_linear=path)
+        weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+        results[path] = [full_pass_ms(runner, r) for r in args.rows]
+        if path == "auto":
+            plan = {f"{n}x{k}": sorted(rows) for (n, k), rows in runner.linear_plan.items()}
+        del runner
+    print(f"\nfull target pass (faser_sgl executor, {weight_bytes / 1e9:.2f} GB of weights, logits on "
+          "every row); off = F.linear everywhere, auto = executor/cpu_linear.py (packed oneDNN at the "
+          f"row counts its start-up timing chose: {plan}, and above {max(TIMED_ROWS)} rows):\n")
+    print("| rows | off ms | off vs 1 row | auto ms | auto vs 1 row | auto vs off | auto weight read GB/s | vs torch.sum |")
+    print("|---|---|---|---|---|---|---|---|")
+    off, auto = results["off"], results["auto"]
+    for i, r in enumerate(args.rows):
+        gbs = weight_bytes / (auto[i] / 1e3) / 1e9
+        print(f"| {r} | {off[i]:.1f} | {off[i] / off[0]:.2f}x | {auto[i]:.1f} | {auto[i] / auto[0]:.2f}x | "
+              f"{auto[i] / off[i]:.2f}x | {gbs:.1f} | {gbs / sum_gbs:.0%} |", flush=True)
 
 
 if __name__ == "__main__":

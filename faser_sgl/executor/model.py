@@ -170,6 +170,8 @@ class CausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else \
             nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
+        # Set by executor.cpu_linear on a CPU: the LM head as a row-count-aware linear.
+        self.logits_linear = None
 
     @property
     def num_layers(self) -> int:
@@ -195,6 +197,8 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head on the given rows ([L, hidden]) -> float32 [L, vocab]."""
         hidden = self.model.norm(hidden)
+        if self.logits_linear is not None:
+            return self.logits_linear(hidden).float()
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
 

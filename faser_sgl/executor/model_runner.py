@@ -30,12 +30,27 @@ class ModelRunner:
     def __init__(self, model_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  attention_backend: str = "torch", num_kv_slots: int | None = None,
                  max_total_tokens: int | None = None, mem_fraction: float | None = None,
-                 defer_kv: bool = False, draft: "ModelRunner | None" = None):
+                 defer_kv: bool = False, draft: "ModelRunner | None" = None, cpu_linear: str = "auto"):
         self.model_path = str(model_path)
         self.device = torch.device(device)
         self.dtype = dtype
         self.model, self.config = load_model(model_path, dtype=dtype, device=self.device)
         cfg = self.config
+        # cpu_linear "auto": on a float32 CPU model, projections and LM head through
+        # executor.cpu_linear (pre-packed oneDNN weights where timing says they win); "off":
+        # torch's F.linear everywhere.
+        if cpu_linear not in ("auto", "off"):
+            raise ValueError(f"cpu_linear must be 'auto' or 'off', got {cpu_linear!r}")
+        self.linear_plan = None
+        if cpu_linear == "auto" and self.device.type == "cpu" and dtype == torch.float32:
+            from faser_sgl.executor import cpu_linear as packed
+
+            if packed.available():
+                tied = self.model.lm_head is None
+                self.linear_plan = packed.accelerate(
+                    self.model, self.model.model.embed_tokens.weight if tied else None)
+                if not tied:
+                    self.model.logits_linear = self.model.lm_head
         self.attn = create_backend(attention_backend, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                    dtype=dtype, device=self.device)
         self.num_kv_slots = None
