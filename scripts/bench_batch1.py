@@ -65,8 +65,10 @@ def faser_runs(target: str, draft: str, prompts, new_tokens: int, ks, adaptive_m
     from faser_sgl.speculative.adaptive import AdaptiveLength
     from faser_sgl.speculative.policy import FixedLength
 
+    from faser_sgl.executor.config import ModelConfig
+
     engine = OfflineEngine(target, draft, policy="fixed", num_draft_tokens=max(ks + [adaptive_max]),
-                           kv_slots=4096)
+                           kv_slots=4096, eos_token_ids=ModelConfig.from_pretrained(target).eos_token_ids)
     spec_gen = engine.generator
     plain_gen = TargetOnlyGenerator(engine.runner, engine.sampler, engine.stop_checker)
     configs = [("faser_sgl none", None, None)] + [(f"faser_sgl fixed K={k}", k, False) for k in ks]
@@ -80,9 +82,11 @@ def faser_runs(target: str, draft: str, prompts, new_tokens: int, ks, adaptive_m
             spec_gen.policy = AdaptiveLength(k) if adaptive else FixedLength(k)
             spec_gen.calibrate()
             spec_gen.num_verify_steps = spec_gen.num_drafted = spec_gen.num_accepted = 0
-        engine.run([engine.make_request(prompts[0][:8], 4, temperature=0, ignore_eos=True)])  # warm-up
+        engine.run([engine.make_request(prompts[0][:8], 4, temperature=0)])  # warm-up
         start = time.perf_counter()
-        outs = [engine.run([engine.make_request(p, new_tokens, temperature=0, ignore_eos=True)])[0]
+        # As HF's min_new_tokens: the model's end tokens are masked until new_tokens exist (a
+        # plain ignore_eos would emit them and go on, where HF takes the next best token).
+        outs = [engine.run([engine.make_request(p, new_tokens, temperature=0, min_new_tokens=new_tokens)])[0]
                 for p in prompts]
         results.append((name, outs, time.perf_counter() - start))
         print(f"  {name}: {sum(map(len, outs)) / results[-1][2]:.2f} tok/s", flush=True)
