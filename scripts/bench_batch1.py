@@ -19,15 +19,10 @@ import time
 import torch
 
 from faser_sgl import default_models
+from faser_sgl.bench.chat_prompts import CHAT_PROMPTS, chat_prompt_ids
 
-PROMPTS = [
-    "Write a Python function that returns the n-th Fibonacci number iteratively.",
-    "Explain what a mutex is in two sentences.",
-    "def merge_sort(xs):",
-    "Write a SQL query that counts orders per customer.",
-    "What does the `yield` keyword do in Python?",
-    "Implement binary search in JavaScript.",
-]
+# The six prompts of the run in docs/benchmarks.md (the shared list without two of its entries).
+BATCH1_PROMPTS = [CHAT_PROMPTS[i] for i in (0, 1, 2, 3, 4, 6)]
 
 
 def hf_runs(target: str, draft: str, prompts, new_tokens: int, ks):
@@ -106,9 +101,7 @@ def main() -> None:
     target = str(default_models.ensure(default_models.TARGET))
     draft = str(default_models.ensure(default_models.DRAFT))
     tok = AutoTokenizer.from_pretrained(target)
-    prompts = [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)["input_ids"])
-               for p in PROMPTS[: args.num_prompts]]
+    prompts = chat_prompt_ids(tok, args.num_prompts, BATCH1_PROMPTS)
     print(f"# batch 1: {platform.node()}, {torch.get_num_threads()} threads, float32, greedy, "
           f"{len(prompts)} prompts x {args.new_tokens} new tokens", flush=True)
     results = hf_runs(target, draft, prompts, args.new_tokens, args.ks)

@@ -21,19 +21,8 @@ import time
 import torch
 
 from faser_sgl import default_models
+from faser_sgl.bench.chat_prompts import chat_prompt_ids
 from faser_sgl.offline_engine import OfflineEngine
-
-PROMPTS = [
-    "Write a Python function that returns the n-th Fibonacci number iteratively.",
-    "Explain what a mutex is in two sentences.",
-    "def merge_sort(xs):",
-    "Write a SQL query that counts orders per customer.",
-    "What does the `yield` keyword do in Python?",
-    "Write a bash one-liner that counts lines in all .py files.",
-    "Implement binary search in JavaScript.",
-    "Summarize the idea of speculative decoding for LLM inference.",
-]
-
 
 def run(engine: OfflineEngine, prompts, scheme: str, temperature: float, new_tokens: int):
     engine.sampling_scheme = scheme
@@ -60,9 +49,7 @@ def main() -> None:
 
     target, draft = default_models.ensure(default_models.TARGET), default_models.ensure(default_models.DRAFT)
     tok = AutoTokenizer.from_pretrained(str(target))
-    prompts = [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)["input_ids"])
-               for p in PROMPTS[: args.num_prompts]]
+    prompts = chat_prompt_ids(tok, args.num_prompts)
     engine = OfflineEngine(str(target), str(draft), policy="fixed", num_draft_tokens=max(args.ks),
                            kv_slots=16384, eos_token_ids=[tok.eos_token_id])
     plain = OfflineEngine(str(target), None, kv_slots=4096, eos_token_ids=[tok.eos_token_id])

@@ -19,23 +19,12 @@ import time
 import torch
 
 from faser_sgl import default_models
+from faser_sgl.bench.chat_prompts import chat_prompt_ids
 from faser_sgl.managers.token_generator import TargetOnlyGenerator
 from faser_sgl.offline_engine import OfflineEngine
 from faser_sgl.speculative.adaptive import AdaptiveLength
 from faser_sgl.speculative.policy import FixedLength
 from faser_sgl.speculative.spec_generator import SpeculativeGenerator
-
-PROMPTS = [
-    "Write a Python function that returns the n-th Fibonacci number iteratively.",
-    "Explain what a mutex is in two sentences.",
-    "def merge_sort(xs):",
-    "Write a SQL query that counts orders per customer.",
-    "What does the `yield` keyword do in Python?",
-    "Write a bash one-liner that counts lines in all .py files.",
-    "Implement binary search in JavaScript.",
-    "Summarize the idea of speculative decoding for LLM inference.",
-]
-
 
 def run_config(engine: OfflineEngine, prompts: list[list[int]], new_tokens: int, concurrency: int):
     reqs = [engine.make_request(p, new_tokens, temperature=0) for p in prompts]
@@ -67,9 +56,7 @@ def main() -> None:
 
     target, draft = default_models.ensure(default_models.TARGET), default_models.ensure(default_models.DRAFT)
     tok = AutoTokenizer.from_pretrained(str(target))
-    prompts = [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)["input_ids"])
-               for p in PROMPTS[: args.num_prompts]]
+    prompts = chat_prompt_ids(tok, args.num_prompts)
     dtype = getattr(torch, args.dtype)
     engine = OfflineEngine(str(target), str(draft), policy="fixed",
                            num_draft_tokens=max(args.ks + [args.adaptive_max]),

@@ -3,6 +3,7 @@ the load-test harness's launcher with the model path as the first argument."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from faser_sgl.bench import server_process
@@ -13,3 +14,16 @@ def start_server(model_path: str, log_dir: Path, extra_args: list[str] | None = 
                  timeout: float = 300.0) -> Server:
     return server_process.start_server(["--model-path", str(model_path), *(extra_args or [])],
                                        log_dir, timeout)
+
+
+def stream_events(response) -> list[dict]:
+    """SGLang's streaming responses: ``data: {json}`` lines (for /generate, each with all output
+    ids so far), ended by ``data: [DONE]``."""
+    events = []
+    for line in response.iter_lines(decode_unicode=True):
+        if line and line.startswith("data:"):
+            data = line[len("data:"):].strip()
+            if data == "[DONE]":
+                break
+            events.append(json.loads(data))
+    return events

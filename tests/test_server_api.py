@@ -9,23 +9,13 @@ import pytest
 import requests
 
 from reference import hf_greedy, load_hf_model
+from server_utils import stream_events
 
 
 def generate(server, **body) -> dict:
     r = requests.post(f"{server.base_url}/generate", json=body, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
-
-
-def sse_events(response) -> list[dict]:
-    events = []
-    for line in response.iter_lines(decode_unicode=True):
-        if line and line.startswith("data:"):
-            data = line[len("data:"):].strip()
-            if data == "[DONE]":
-                break
-            events.append(json.loads(data))
-    return events
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +65,7 @@ def test_streaming_matches_non_streaming(tiny_server, hf_ref):
     r = requests.post(f"{tiny_server.base_url}/generate", stream=True, timeout=120,
                       json={"text": "hello world", "sampling_params": params, "stream": True})
     assert r.status_code == 200
-    events = sse_events(r)
+    events = stream_events(r)
     assert len(events) >= 2, "a 16-token stream must arrive in several chunks"
     # SGLang's /generate streams the text so far in every event.
     texts = [e["text"] for e in events]

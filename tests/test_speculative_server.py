@@ -3,13 +3,13 @@ the target with 2% weight noise, conftest.PARTIAL_DRAFT)."""
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
 from reference import hf_greedy, load_hf_model
+from server_utils import stream_events
 
 
 # Greedy acceptance of the partial draft is ~0.45 on these prompts: well inside this band, and
@@ -17,19 +17,6 @@ from reference import hf_greedy, load_hf_model
 ACCEPT_BAND = (0.2, 0.9)
 # Per request, only a rate measured over this many drafted tokens is held to the band.
 MIN_DRAFTS_FOR_RATE = 12
-
-
-def stream_events(response) -> list[dict]:
-    """SGLang's /generate stream: ``data: {json}`` lines (each with all output ids so far),
-    ended by ``data: [DONE]``."""
-    events = []
-    for line in response.iter_lines(decode_unicode=True):
-        if line and line.startswith("data:"):
-            data = line[len("data:"):].strip()
-            if data == "[DONE]":
-                break
-            events.append(json.loads(data))
-    return events
 
 
 @pytest.fixture(scope="module")
