@@ -85,6 +85,6 @@ def test_kv_bytes_and_budget():
     assert kv_bytes_per_token(cfg, torch.float32) == 2 * 3 * 2 * 16 * 4
     assert kv_bytes_per_token(cfg, torch.bfloat16) == 2 * 3 * 2 * 16 * 2
     per = kv_bytes_per_token(cfg, torch.float32)
-    assert slots_for_budget(cfg, torch.float32, 100 * per + per - 1) == 100
-    assert slots_for_budget(cfg, torch.float32, 100 * per, max_slots=40) == 40
-    assert slots_for_budget(cfg, torch.float32, 0, min_slots=8) == 8
+    assert slots_for_budget(per, 100 * per + per - 1) == 100
+    assert slots_for_budget(per, 100 * per, max_slots=40) == 40
+    assert slots_for_budget(per, 0, min_slots=8) == 8

@@ -116,10 +116,11 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * elem
 
 
-def slots_for_budget(config: ModelConfig, dtype: torch.dtype, budget_bytes: int,
-                     max_slots: int | None = None, min_slots: int = 1) -> int:
-    """How many slots fit in budget_bytes, clamped to [min_slots, max_slots]."""
-    n = int(budget_bytes) // kv_bytes_per_token(config, dtype)
+def slots_for_budget(bytes_per_token: int, budget_bytes: int, max_slots: int | None = None,
+                     min_slots: int = 1) -> int:
+    """How many slots of bytes_per_token (kv_bytes_per_token, summed over the models that share
+    the slot numbering) fit in budget_bytes, clamped to [min_slots, max_slots]."""
+    n = int(budget_bytes) // bytes_per_token
     if max_slots is not None:
         n = min(n, max_slots)
     return max(n, min_slots)

@@ -18,7 +18,7 @@ import torch
 
 from faser_sgl.executor.attention import create_backend
 from faser_sgl.executor.forward_batch import ForwardBatch
-from faser_sgl.executor.kv_cache import KVCache, SlotAllocator, kv_bytes_per_token
+from faser_sgl.executor.kv_cache import KVCache, SlotAllocator, kv_bytes_per_token, slots_for_budget
 from faser_sgl.executor.loader import load_model
 
 DEFAULT_MEM_FRACTION = {"cuda": 0.8, "cpu": 0.3}
@@ -104,9 +104,7 @@ class ModelRunner:
         own = kv_bytes_per_token(self.config, self.dtype)
         draft_own = 0 if draft is None else kv_bytes_per_token(draft.config, draft.dtype)
         per_token = own + draft_own
-        slots = int(free * fraction) // per_token
-        if cap is not None:
-            slots = min(slots, cap)
+        slots = slots_for_budget(per_token, int(free * fraction), max_slots=cap, min_slots=0)
         if slots < MIN_KV_SLOTS:
             detail = f"{per_token} bytes per token"
             if draft is not None:

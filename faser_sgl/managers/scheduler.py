@@ -107,10 +107,10 @@ class Scheduler:
         )
         self.sampler = Sampler()
         self.stop_checker = StopChecker(self.tokenizer)
-        self.policy = make_policy(options.speculative_policy, options.speculative_num_draft_tokens, options.speculative_cost_profile)
+        self.policy = make_policy(options.speculative_policy, options.speculative_num_draft_tokens,
+                                  options.speculative_cost_profile)
         self.speculative = options.speculative_policy != "none"
         if self.speculative:
-            from faser_sgl.speculative.draft_worker import DraftWorker
             from faser_sgl.speculative.spec_generator import SpeculativeGenerator
 
             draft = DraftWorker(draft_runner, self.runner)

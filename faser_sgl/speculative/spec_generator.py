@@ -111,21 +111,19 @@ class SpeculativeGenerator:
             # One token always comes from the target, so at most remaining-1 drafts are useful.
             remaining = req.stop.max_new_tokens - len(req.output_ids)
             k = max(0, min(k, remaining - 1))
-            if k > 0:
-                lag = len(req.kv_slots) - req.draft_cached  # tokens pass 0 must feed
-                if lag > budget:
-                    if budget > 0:
-                        catch_up[id(req)] = int(budget)
-                        budget = 0
-                    k = 0
-                else:
-                    budget -= lag
+            lag = len(req.kv_slots) - req.draft_cached  # tokens pass 0 must feed
+            if k > 0 and lag > budget:
+                if budget > 0:
+                    catch_up[id(req)] = int(budget)
+                    budget = 0
+                k = 0
             if k > 0:
                 slots = self.allocator.alloc(k)
                 if slots is None:
                     k = 0
                 else:
                     req.kv_slots.extend(slots)
+                    budget -= lag
             lengths.append(k)
         return lengths, catch_up
 
