@@ -29,6 +29,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            # One fused op instead of seven small ones; in float32 it is HF's arithmetic (the
+            # per-layer dispatch of the small ops cost ~2% of a CPU decode step).
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in float32 and scale in the model dtype, exactly as HF does.
         dtype = x.dtype
         x32 = x.float()
@@ -108,13 +112,20 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.qkv_proj = None  # set by fuse_projections, replacing the three above
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch,
                 kv_cache: KVCache, attn: AttentionBackend) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            kv_dim = self.num_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
+            v = v.contiguous()  # q and k are copied by RoPE below; v goes to the cache as is
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:  # Qwen3 normalises each head before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
@@ -132,9 +143,40 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
+        self.gate_up_proj = None  # set by fuse_projections, replacing gate_proj and up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def _concat_linears(parts: list[nn.Linear]) -> nn.Linear:
+    """One linear whose output is the parts' outputs side by side."""
+    weight = torch.cat([p.weight.detach() for p in parts])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if parts[0].bias is not None:
+        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
+    return fused
+
+
+def fuse_projections(model: "CausalLM") -> None:
+    """Replace q/k/v by one qkv_proj and gate/up by one gate_up_proj in every layer (after
+    loading, which goes by the checkpoint's separate names).  Each output element is the same
+    dot product, so results change by float32 rounding at most; a pass makes two linear calls
+    fewer per layer, and the wider products run closer to the weight-read limit on a CPU
+    (docs/benchmarks.md).  One layer at a time, so memory peaks at one extra layer."""
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.qkv_proj is None:
+            attn.qkv_proj = _concat_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+            attn.q_proj = attn.k_proj = attn.v_proj = None
+        if mlp.gate_up_proj is None:
+            mlp.gate_up_proj = _concat_linears([mlp.gate_proj, mlp.up_proj])
+            mlp.gate_proj = mlp.up_proj = None
 
 
 class DecoderLayer(nn.Module):

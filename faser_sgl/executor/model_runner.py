@@ -20,6 +20,7 @@ from faser_sgl.executor.attention import create_backend
 from faser_sgl.executor.forward_batch import ForwardBatch
 from faser_sgl.executor.kv_cache import KVCache, SlotAllocator, kv_bytes_per_token, slots_for_budget
 from faser_sgl.executor.loader import load_model
+from faser_sgl.executor.model import fuse_projections
 
 DEFAULT_MEM_FRACTION = {"cuda": 0.8, "cpu": 0.3}
 CPU_CONTEXTS_CAP = 4
@@ -35,6 +36,7 @@ class ModelRunner:
         self.device = torch.device(device)
         self.dtype = dtype
         self.model, self.config = load_model(model_path, dtype=dtype, device=self.device)
+        fuse_projections(self.model)
         cfg = self.config
         # cpu_linear "auto": on a float32 CPU model, projections and LM head through
         # executor.cpu_linear (pre-packed oneDNN weights where timing says they win); "off":
