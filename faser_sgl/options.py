@@ -49,6 +49,20 @@ class FaserOptions:
     # own random stream with rejection sampling of drafts, or by coupled Gumbel-max whose text
     # does not depend on the draft lengths.
     sampling_scheme: str = "seeded-coupled"
+    # FASER early exit inside verification (speculative/early_exit.py): None = on for the faser
+    # policy, off for the others; exit layers ("auto" or "14,21"), the lens threshold, the
+    # draft candidates per token, and the diagnostic mode (full depth, predictions recorded).
+    early_exit: bool | None = None
+    exit_layers: str = "auto"
+    exit_threshold: float = 2.0
+    exit_candidates: int = 8
+    exit_diagnostic: bool = False
+
+    @property
+    def early_exit_on(self) -> bool:
+        if self.speculative_policy == "none":
+            return False
+        return self.speculative_policy == "faser" if self.early_exit is None else self.early_exit
 
     def to_env(self) -> None:
         os.environ[ENV_VAR] = json.dumps(dataclasses.asdict(self))
@@ -78,7 +92,8 @@ class FaserOptions:
                            default="none",
                            help="none: target only; fixed: K draft tokens per request per step; "
                                 "adaptive: 0..K per request per step, chosen from its acceptance "
-                                "and the measured cost of drafting and verifying; faser: (later)")
+                                "and the measured cost of drafting and verifying; faser: adaptive + "
+                                "early exit inside verification (each mechanism switchable)")
         group.add_argument("--speculative-draft-model-path", default=None,
                            help="draft model directory (default: the embedded Qwen2.5-Coder-0.5B draft)")
         group.add_argument("--speculative-num-draft-tokens", type=int, default=4,
@@ -102,19 +117,39 @@ class FaserOptions:
                                 "seeded-coupled: coupled for requests with a sampling_seed, "
                                 "rejection for the rest")
 
+        group.add_argument("--faser-early-exit", action=argparse.BooleanOptionalAction, default=None,
+                           help="FASER token-wise early exit inside verification: drop draft tokens "
+                                "predicted to be rejected from the remaining target layers (lossless; "
+                                "default: on for --speculative-policy faser, off for the others)")
+        group.add_argument("--faser-exit-layers", default=FaserOptions.exit_layers,
+                           help="layers after which verification may prune: 'auto' (1/2 and 3/4 of "
+                                "the depth) or comma-separated layer counts")
+        group.add_argument("--faser-exit-threshold", type=float, default=FaserOptions.exit_threshold,
+                           help="prune draft token d when a draft alternative's intermediate "
+                                "(logit-lens) logit beats d's by more than this; lower prunes more")
+        group.add_argument("--faser-exit-candidates", type=int, default=FaserOptions.exit_candidates,
+                           help="draft alternatives per draft token that the exit predictor compares")
+        group.add_argument("--faser-exit-diagnostic", action="store_true",
+                           help="run verification at full depth and only record what early exit "
+                                "would have pruned (precision/recall in /get_server_info)")
+
     @staticmethod
     def from_cli_args(args: argparse.Namespace) -> "FaserOptions":
         if args.faser_max_step_tokens < 1:
             raise SystemExit("--faser-max-step-tokens must be at least 1")
         if args.speculative_num_draft_tokens < 1:
             raise SystemExit("--speculative-num-draft-tokens must be at least 1")
-        if args.speculative_policy == "faser":
-            raise SystemExit("--speculative-policy faser is not implemented yet; use none, fixed or "
-                             "adaptive (FASER's per-request drafter on its own)")
+        if args.faser_early_exit and args.speculative_policy == "none":
+            raise SystemExit("--faser-early-exit needs a speculative policy (fixed, adaptive or faser)")
+        if args.faser_exit_candidates < 1:
+            raise SystemExit("--faser-exit-candidates must be at least 1")
+        layers = args.faser_exit_layers
+        if layers.strip() != "auto" and not all(x.strip().isdigit() for x in layers.split(",")):
+            raise SystemExit(f"--faser-exit-layers must be 'auto' or comma-separated layer counts, got {layers!r}")
         profile = args.speculative_cost_profile
         if profile is not None:
-            if args.speculative_policy != "adaptive":
-                raise SystemExit("--speculative-cost-profile is only used by --speculative-policy adaptive "
+            if args.speculative_policy not in ("adaptive", "faser"):
+                raise SystemExit("--speculative-cost-profile is only used by --speculative-policy adaptive or faser "
                                  f"(got --speculative-policy {args.speculative_policy})")
             from faser_sgl.speculative.adaptive import parse_cost_profile
 
@@ -141,4 +176,9 @@ class FaserOptions:
             speculative_num_draft_tokens=args.speculative_num_draft_tokens,
             speculative_cost_profile=profile,
             sampling_scheme=args.faser_sampling_scheme,
+            early_exit=args.faser_early_exit,
+            exit_layers=layers,
+            exit_threshold=args.faser_exit_threshold,
+            exit_candidates=args.faser_exit_candidates,
+            exit_diagnostic=args.faser_exit_diagnostic,
         )

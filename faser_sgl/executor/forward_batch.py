@@ -80,3 +80,42 @@ class ForwardBatch:
             out_cache_loc=t(out_loc),
             logits_indices=t(logit_rows),
         )
+
+    def truncate(self, new_q: list[int]) -> "ForwardBatch":
+        """The batch with request i's new tokens cut to its first new_q[i] (<= q_i): the tail
+        tokens leave with their KV slots and logits rows, as when verification prunes a request's
+        last draft tokens mid-pass.  Logits rows of the kept tokens keep their order."""
+        qo = self.qo_indptr.tolist()
+        kv = self.kv_indptr.tolist()
+        if len(new_q) != len(qo) - 1:
+            raise ValueError(f"{len(new_q)} lengths for a batch of {len(qo) - 1} requests")
+        keep_rows, kv_keep = [], []
+        new_qo, new_kv = [0], [0]
+        for i, q in enumerate(new_q):
+            old_q = qo[i + 1] - qo[i]
+            if not 0 <= q <= old_q:
+                raise ValueError(f"request {i}: cannot cut {old_q} new tokens to {q}")
+            keep_rows.extend(range(qo[i], qo[i] + q))
+            kv_len = kv[i + 1] - kv[i] - (old_q - q)
+            kv_keep.extend(range(kv[i], kv[i] + kv_len))
+            new_qo.append(new_qo[-1] + q)
+            new_kv.append(new_kv[-1] + kv_len)
+        device = self.input_ids.device
+        rows = torch.tensor(keep_rows, dtype=torch.int64, device=device)
+        # Old row -> new row (-1 for dropped rows), to renumber the logits rows that survive.
+        renumber = torch.full((self.num_tokens,), -1, dtype=torch.int64, device=device)
+        renumber[rows] = torch.arange(rows.numel(), device=device)
+        logits = renumber[self.logits_indices]
+
+        def t(x: list[int]) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.int64, device=device)
+
+        return ForwardBatch(
+            input_ids=self.input_ids[rows],
+            positions=self.positions[rows],
+            qo_indptr=t(new_qo),
+            kv_indptr=t(new_kv),
+            kv_indices=self.kv_indices[t(kv_keep)],
+            out_cache_loc=self.out_cache_loc[rows],
+            logits_indices=logits[logits >= 0],
+        )

@@ -113,9 +113,15 @@ class Scheduler:
         if self.speculative:
             from faser_sgl.speculative.spec_generator import SpeculativeGenerator
 
+            from faser_sgl.speculative.early_exit import make_early_exit
+
             draft = DraftWorker(draft_runner, self.runner)
+            early_exit = make_early_exit(self.runner, options.exit_layers, options.exit_threshold,
+                                         options.exit_candidates, options.exit_diagnostic) \
+                if options.early_exit_on else None
             self.generator = SpeculativeGenerator(self.runner, draft, self.sampler, self.policy, self.allocator,
-                                                  self.stop_checker, self.planner.max_step_tokens)
+                                                  self.stop_checker, self.planner.max_step_tokens,
+                                                  early_exit=early_exit)
             seconds = self.generator.calibrate()
             if seconds:
                 logger.info("timed target and draft passes for the %s policy's cost model in %.1fs",
@@ -132,6 +138,7 @@ class Scheduler:
             if self.speculative:
                 self.generator.on_verify = self.metrics.observe_verification
                 self.generator.on_draft_lengths = self.metrics.observe_draft_lengths
+                self.generator.on_early_exit = self.metrics.early_exited_tokens.inc
         self._last_retractions = 0
         self.sockets = sockets
         self.control = ControlHandler(self)
@@ -360,6 +367,8 @@ class Scheduler:
             "spec_verify_steps": steps,
             "spec_drafted_tokens": getattr(gen, "num_drafted", 0),
             "spec_accepted_tokens": getattr(gen, "num_accepted", 0),
+            # FASER early exit: rows pruned, exit ratio, per exit layer precision/recall.
+            "spec_early_exit": gen.early_exit.stats.as_dict() if getattr(gen, "early_exit", None) else None,
         }
 
     def internal_state(self) -> dict:

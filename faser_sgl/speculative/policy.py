@@ -70,8 +70,8 @@ class FixedLength(_StaticPolicy):
 def make_policy(name: str, num_draft_tokens: int | None, cost_profile: str | None = None) -> SpeculationPolicy:
     """``cost_profile``: ``--speculative-cost-profile`` text, which pins the adaptive policy's
     cost model (see adaptive.parse_cost_profile); the other policies ignore costs and refuse it."""
-    if cost_profile is not None and name != "adaptive":
-        raise ValueError(f"--speculative-cost-profile is only used by --speculative-policy adaptive, not {name!r}")
+    if cost_profile is not None and name not in ("adaptive", "faser"):
+        raise ValueError(f"--speculative-cost-profile is only used by --speculative-policy adaptive or faser, not {name!r}")
     if name == "none":
         return NoSpeculation()
     if name == "fixed":
@@ -82,5 +82,9 @@ def make_policy(name: str, num_draft_tokens: int | None, cost_profile: str | Non
         pinned = parse_cost_profile(cost_profile) if cost_profile is not None else None
         return AdaptiveLength(num_draft_tokens if num_draft_tokens is not None else 4, pinned)
     if name == "faser":
-        raise ValueError("--speculative-policy faser is not implemented yet (use none, fixed or adaptive)")
+        # FASER's lengths are the adaptive drafter's; its other mechanisms (early exit) live in
+        # the generator and are switched by their own options.
+        policy = make_policy("adaptive", num_draft_tokens, cost_profile)
+        policy.name = "faser"
+        return policy
     raise ValueError(f"unknown --speculative-policy {name!r}; choose none, fixed, adaptive or faser")

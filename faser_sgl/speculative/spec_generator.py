@@ -28,11 +28,12 @@ from faser_sgl import kernels
 from faser_sgl.executor.forward_batch import ForwardBatch
 from faser_sgl.managers.batch_planner import ScheduledChunk
 from faser_sgl.managers.request import Request
+from faser_sgl.speculative.early_exit import Verification
 
 
 class SpeculativeGenerator:
     def __init__(self, target_runner, draft_worker, sampler, policy, allocator, stop_checker,
-                 max_step_tokens: int | None = None):
+                 max_step_tokens: int | None = None, early_exit=None):
         self.target = target_runner
         self.draft = draft_worker
         self.sampler = sampler
@@ -42,6 +43,8 @@ class SpeculativeGenerator:
         # Token budget of one draft pass, as chunked prefill bounds a target pass: a request the
         # draft lags far behind (a long prompt, a retraction) is caught up over several steps.
         self.max_step_tokens = max_step_tokens
+        # FASER early exit (speculative/early_exit.EarlyExitVerifier) or None: full-depth passes.
+        self.early_exit = early_exit
         self.num_verify_steps = 0
         self.num_drafted = 0
         self.num_accepted = 0
@@ -49,6 +52,7 @@ class SpeculativeGenerator:
         # and the lengths chosen for the step's decodes.
         self.on_verify = None
         self.on_draft_lengths = None
+        self.on_early_exit = None  # (draft tokens pruned inside this step's verification)
 
     # -- cost calibration --------------------------------------------------------------------
     def calibrate(self, repeats: int = 2) -> float:
@@ -138,12 +142,14 @@ class SpeculativeGenerator:
         if self.on_draft_lengths is not None and lengths:
             self.on_draft_lengths(lengths)
         k_of = {id(r): k for r, k in zip(decodes, lengths)}
-        drafts, draft_probs = self._run_draft(decodes, lengths, catch_up)
+        drafts, draft_probs, candidates = self._run_draft(decodes, lengths, catch_up)
 
         # Target pass: prefill chunks as planned; decodes feed newest token + drafts.
-        feeds, slot_lists, rows = [], [], []
+        feeds, slot_lists, rows, verifications = [], [], [], {}
         for c in chunks:
             k = k_of.get(id(c.req), 0)
+            if k and self.early_exit is not None:
+                verifications[id(c.req)] = Verification(len(feeds), k, torch.stack(candidates[id(c.req)]))
             tokens = c.tokens + drafts.get(id(c.req), [])
             feeds.append(tokens)
             slot_lists.append(c.req.kv_slots)
@@ -151,7 +157,14 @@ class SpeculativeGenerator:
                 rows.append(list(range(len(tokens) - 1 - k, len(tokens))))
             else:
                 rows.append([])
-        logits = self._timed("target", feeds, self.target.forward, ForwardBatch.build(feeds, slot_lists, rows))
+        batch = ForwardBatch.build(feeds, slot_lists, rows)
+        if verifications:
+            logits = self._timed("target", feeds, self.early_exit.forward, batch, list(verifications.values()))
+            pruned = sum(v.num_drafts - v.verified for v in verifications.values())
+            if pruned and self.on_early_exit is not None:
+                self.on_early_exit(pruned)
+        else:
+            logits = self._timed("target", feeds, self.target.forward, batch)
 
         out: dict[Request, list[int]] = {}
         offset = 0
@@ -159,29 +172,42 @@ class SpeculativeGenerator:
         for c in sampled:
             req = c.req
             k = k_of.get(id(req), 0)
-            req_logits = logits[offset: offset + k + 1]
-            offset += k + 1
-            emitted = self._accept(req, drafts.get(id(req), []), req_logits, draft_probs.get(id(req)))
-            accepted = len(emitted) - 1
+            v = verifications.get(id(req))
+            # Drafts verified at full depth, and whether the bonus row survived (early exit
+            # may have pruned the rows after d_verified; without it, all k and the bonus).
+            verified, bonus = (v.verified, v.bonus) if v is not None else (k, True)
+            n_rows = verified + (1 if bonus else 0)
+            req_logits = logits[offset: offset + n_rows]
+            offset += n_rows
+            emitted, accepted = self._accept(req, drafts.get(id(req), [])[:verified], req_logits,
+                                             draft_probs.get(id(req)), bonus)
+            if v is not None:
+                self.early_exit.record_outcome(v, accepted)
             kept = self.stop_checker.append(req, emitted)
             if k > 0:
-                # Roll back: the rejected drafts' slots (both caches) return to the pool.
-                rejected = k - accepted
+                # Roll back: the slots (both caches) of rejected and pruned drafts return to the
+                # pool.  A fully accepted draft whose bonus row was pruned also gives back the
+                # slot of its last token, whose KV the pruned row never wrote past the exit layer:
+                # that token is fed again as the next step's newest token.
+                full_kv = accepted if bonus or accepted < verified else accepted - 1
+                rejected = k - full_kv
                 if rejected:
                     self.allocator.free(req.kv_slots[-rejected:])
                     del req.kv_slots[-rejected:]
                 req.draft_cached = min(req.draft_cached, len(req.kv_slots))
-                self._count_verification(req, k, accepted, kept)
+                self._count_verification(req, verified, accepted, kept, len(emitted))
             out[req] = emitted[:kept]
         # Prefill-only chunks: nothing to emit (the draft sees their tokens when they draft).
         return out
 
-    def _count_verification(self, req: Request, drafted: int, accepted: int, kept: int) -> None:
+    def _count_verification(self, req: Request, drafted: int, accepted: int, kept: int,
+                            emitted: int) -> None:
         """Counters and policy feedback for one verification.  When a stop token or string ends
-        the output inside the run (kept <= accepted), what follows the stop never happened: the
+        the output inside the run (kept < emitted), what follows the stop never happened: the
         pass counts kept - 1 accepted drafts, as its tokens (kept) are accepted + the target's
-        one everywhere else, so tokens per pass and acceptance estimates stay honest."""
-        if kept <= accepted:
+        one everywhere else, so tokens per pass and acceptance estimates stay honest.
+        ``drafted``: drafts verified at full depth (early exit's pruned ones never were)."""
+        if kept < emitted:
             drafted = accepted = kept - 1
         req.spec_verify_ct += 1
         req.spec_accepted_drafts += accepted
@@ -197,11 +223,13 @@ class SpeculativeGenerator:
         """Autoregressive draft passes; returns per-request draft tokens and their q rows."""
         drafts: dict[int, list[int]] = {id(r): [] for r in decodes}
         probs: dict[int, list[torch.Tensor]] = {id(r): [] for r in decodes}
+        # Early exit's candidates per draft token: the token, then the draft's top alternatives.
+        cands: dict[int, list[torch.Tensor]] = {id(r): [] for r in decodes}
         k_of = {id(r): k for r, k in zip(decodes, lengths)}
         step_reqs = [r for r, k in zip(decodes, lengths) if k > 0]
         behind = [r for r in decodes if id(r) in catch_up]
         if not step_reqs and not behind:
-            return drafts, probs
+            return drafts, probs, cands
         # Pass 0 catches the draft cache up: each drafting request feeds every committed token
         # the draft has not seen (its whole prompt after a prefill, a few tokens after steps
         # without drafting, at least its newest token), and its last row gives d_1.  Requests
@@ -219,7 +247,7 @@ class SpeculativeGenerator:
             req.draft_cached = upto
         step_logits = self._timed("draft", feeds, self.draft.forward, feeds, slot_lists)[: len(step_reqs)]
         for _ in range(max(lengths, default=0)):
-            tokens = self._draft_sample(step_reqs, step_logits, drafts, probs)
+            tokens = self._draft_sample(step_reqs, step_logits, drafts, probs, cands)
             nxt = [(r, t) for r, t in zip(step_reqs, tokens) if len(drafts[id(r)]) < k_of[id(r)]]
             if not nxt:
                 break
@@ -230,7 +258,7 @@ class SpeculativeGenerator:
                 r.draft_cached += 1
             step_reqs = [r for r, _ in nxt]
             step_logits = self._timed("draft", feeds, self.draft.forward, feeds, slot_lists)
-        return drafts, probs
+        return drafts, probs, cands
 
     def _timed(self, model: str, feeds: list[list[int]], forward, *args) -> torch.Tensor:
         """Run one forward pass and report its wall time and token count to the policy."""
@@ -241,20 +269,34 @@ class SpeculativeGenerator:
         self.policy.observe_forward(model, sum(len(f) for f in feeds), time.perf_counter() - start)
         return logits
 
-    def _draft_sample(self, reqs, logits, drafts, probs) -> list[int]:
+    def _draft_sample(self, reqs, logits, drafts, probs, cands) -> list[int]:
         """Sample each request's next draft token from q (its final draft distribution): from
         the request's own generator, or by coupled Gumbel-max at the token's output position."""
         histories = [r.output_ids + drafts[id(r)] for r in reqs]
         opts = [r.sampling for r in reqs]
         q = self.sampler.probs(logits, opts, histories, [r.prompt_ids for r in reqs])
-        tokens = self.sampler.draw(q, opts, histories).tolist()
+        drawn = self.sampler.draw(q, opts, histories)
+        tokens = drawn.tolist()
+        top = None
+        if self.early_exit is not None:
+            alternatives = logits.topk(self.early_exit.config.num_candidates, dim=-1).indices
+            top = torch.cat([drawn.to(alternatives.device)[:, None], alternatives], dim=1).cpu()
         for i, (r, t) in enumerate(zip(reqs, tokens)):
             drafts[id(r)].append(t)
             probs[id(r)].append(q[i])
+            if top is not None:
+                cands[id(r)].append(top[i])
         return tokens
 
-    def _accept(self, req: Request, draft: list[int], logits: torch.Tensor, q_rows) -> list[int]:
+    def _accept(self, req: Request, draft: list[int], logits: torch.Tensor, q_rows,
+                bonus: bool = True) -> tuple[list[int], int]:
+        """Verify ``draft`` against the target's rows; returns (emitted tokens, accepted drafts).
+        Without a bonus row (early exit pruned it), the last row is repeated as a stand-in
+        and a token drawn from it is dropped: the drafts are tested exactly as with the row,
+        and a fully accepted draft simply ends the pass without a bonus token."""
         k = len(draft)
+        if not bonus:
+            logits = torch.cat([logits, logits[-1:]])
         histories = [req.output_ids + draft[:j] for j in range(k + 1)]
         opts = [req.sampling] * (k + 1)
         prompts = [req.prompt_ids] * (k + 1)
@@ -270,7 +312,11 @@ class SpeculativeGenerator:
             _, emitted, n = kernels.greedy_accept(draft_t, indptr, self.sampler.draw(p, opts, histories))
         else:
             p = self.sampler.probs(logits, opts, histories, prompts)
-            q = torch.stack(q_rows) if k else p.new_zeros((0, p.shape[1]))
+            q = torch.stack(q_rows[:k]) if k else p.new_zeros((0, p.shape[1]))
             acc_u, samp_u = kernels.make_uniforms(indptr, [req.sampling.get_generator()], device)
             _, emitted, n = kernels.rejection_sample(draft_t, indptr, q, p, acc_u, samp_u)
-        return emitted[0, : int(n[0])].tolist()
+        emitted = emitted[0, : int(n[0])].tolist()
+        accepted = len(emitted) - 1
+        if not bonus and accepted == k:
+            emitted = emitted[:k]
+        return emitted, accepted

@@ -1,0 +1,243 @@
+"""FASER's token-wise early exit inside the target's verification pass.
+
+The verification pass runs its layers in segments.  After each exit layer a predictor scores
+the draft tokens still in the pass; where it predicts that draft token d_j will be rejected,
+the rows of d_j, d_{j+1}, ... of that request leave the pass: the remaining layers run on the
+survivors only (the ragged batch is cut, the attention backend re-planned).
+
+What stays lossless, whatever the predictor says: row r of a request's verification block is
+the target's distribution for the token after it, so the row of d_{j-1} (or of the newest token
+for j = 1) verifies d_j.  Pruning at d_j drops only the rows that verify d_{j+1}.. and give the
+bonus token: d_1..d_j are still verified at full depth, exactly as a draft of length j would be,
+and the pass simply has no bonus token when all j are accepted.  Nothing computed at an
+intermediate layer accepts a token.  (Dropping d_j itself and sampling a bonus token from the
+row of d_{j-1} instead would not be lossless under rejection sampling: the decision depends on
+the value of d_j, and a choice between "test d_j" and "resample" that depends on d_j skews the
+output distribution.  For greedy and coupled sampling the two rules emit the same tokens.)
+
+The predictor (LensPredictor): a restricted logit lens.  The intermediate hidden state of the
+row that predicts d_j goes through the final norm and is multiplied by the LM-head rows of a few
+candidates only: d_j and the draft model's own top alternatives at that position.  d_j is
+predicted rejected when the best alternative's lens logit beats d_j's by more than the
+threshold.  Its cost is a norm and a [rows x candidates x hidden] product, nothing like a full
+LM head.  Pruned positions' full-depth verdict of d_j is known after the pass, so every prune
+is labelled right or wrong for free (``ExitStats``); a diagnostic mode runs full depth and only
+records what would have been pruned, which also measures recall.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from faser_sgl.executor.forward_batch import ForwardBatch
+
+DEFAULT_CANDIDATES = 8
+DEFAULT_THRESHOLD = 2.0
+
+
+def parse_exit_layers(text: str, num_layers: int) -> list[int]:
+    """``auto`` (half and three quarters of the depth) or comma-separated layer counts in
+    1 .. num_layers - 1: the pass may exit after that many layers."""
+    if text.strip() == "auto":
+        layers = [num_layers // 2, (3 * num_layers) // 4]
+    else:
+        try:
+            layers = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"exit layers must be 'auto' or comma-separated integers, got {text!r}") from None
+    layers = sorted(set(layers))
+    bad = [x for x in layers if not 0 < x < num_layers]
+    if bad or not layers:
+        raise ValueError(f"exit layers must lie in 1..{num_layers - 1} (the model has {num_layers} "
+                         f"layers), got {text!r}")
+    return layers
+
+
+@dataclass
+class ExitConfig:
+    layers: list[int]
+    threshold: float = DEFAULT_THRESHOLD  # prune when an alternative beats d_j by more than this
+    num_candidates: int = DEFAULT_CANDIDATES
+    diagnostic: bool = False  # full depth always; only record what would have been pruned
+
+
+@dataclass
+class LayerStats:
+    scored: int = 0  # draft tokens scored at this layer
+    predicted: int = 0  # of those, predicted rejected (pruned, or would have been in diagnostics)
+    predicted_right: int = 0  # predicted rejected and the full model rejected them
+    first_rejections: int = 0  # scored tokens that were the first rejected token of their run
+    first_rejections_caught: int = 0  # ... and predicted rejected here
+    rows_pruned: int = 0  # rows that skipped the layers after this one
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["precision"] = self.predicted_right / self.predicted if self.predicted else None
+        d["recall"] = (self.first_rejections_caught / self.first_rejections
+                       if self.first_rejections else None)
+        return d
+
+
+@dataclass
+class ExitStats:
+    layers: dict[int, LayerStats] = field(default_factory=dict)
+    draft_rows: int = 0  # draft-token rows that entered verification passes
+    layer_rows_saved: int = 0  # sum over pruned rows of the layers they skipped
+
+    def layer(self, e: int) -> LayerStats:
+        return self.layers.setdefault(e, LayerStats())
+
+    def as_dict(self) -> dict:
+        pruned = sum(s.rows_pruned for s in self.layers.values())
+        return {"draft_rows": self.draft_rows, "rows_pruned": pruned,
+                "exit_ratio": pruned / self.draft_rows if self.draft_rows else None,
+                "layer_rows_saved": self.layer_rows_saved,
+                "layers": {e: s.as_dict() for e, s in sorted(self.layers.items())}}
+
+
+class LensPredictor:
+    """Restricted logit lens over the draft's candidates (see the module docstring)."""
+
+    def __init__(self, model, threshold: float):
+        self.norm = model.model.norm
+        self.weight = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        self.threshold = threshold
+
+    def margins(self, hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """hidden [n, H] rows that predict the scored tokens; candidates [n, C] with the scored
+        draft token in column 0.  Returns d_j's lens logit minus the best other candidate's
+        (+inf when there is none): [n] float32."""
+        h = self.norm(hidden)
+        w = self.weight[candidates]  # [n, C, H]
+        logits = torch.einsum("nh,nch->nc", h, w).float()
+        others = logits[:, 1:].masked_fill(candidates[:, 1:] == candidates[:, :1], float("-inf"))
+        if others.shape[1] == 0:
+            return torch.full((hidden.shape[0],), float("inf"), device=hidden.device)
+        return logits[:, 0] - others.max(dim=1).values
+
+    def predict_rejected(self, hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        return self.margins(hidden, candidates) < -self.threshold
+
+
+@dataclass
+class Verification:
+    """One request's draft in a verification pass: rows of the batch it owns and its draft."""
+    index: int  # request index in the batch
+    num_drafts: int  # k
+    candidates: torch.Tensor  # [k, C] per draft token, the token itself in column 0
+    verified: int = -1  # drafts verified at full depth (k unless pruned)
+    bonus: bool = True  # whether the last row (the bonus token) survived
+    predicted_at: dict[int, list[bool]] = field(default_factory=dict)  # diagnostics per layer
+
+    def __post_init__(self):
+        if self.verified < 0:
+            self.verified = self.num_drafts
+
+    @property
+    def rows(self) -> int:
+        """Rows this request still has in the pass: newest + verified drafts (+1 if bonus)."""
+        return self.verified + (1 if self.bonus else 0)
+
+
+class EarlyExitVerifier:
+    """Runs a target verification pass in segments and prunes predicted rejections."""
+
+    def __init__(self, runner, config: ExitConfig, predictor: LensPredictor | None = None):
+        self.runner = runner
+        self.config = config
+        self.predictor = predictor or LensPredictor(runner.model, config.threshold)
+        self.stats = ExitStats()
+        num_layers = runner.model.num_layers
+        if any(not 0 < e < num_layers for e in config.layers):
+            raise ValueError(f"exit layers {config.layers} outside 1..{num_layers - 1}")
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, verifications: list[Verification]) -> torch.Tensor:
+        """Float32 logits of the surviving logits rows, in batch order; each Verification's
+        ``verified``/``bonus`` say which of its rows survived."""
+        runner = self.runner
+        model, kv, attn = runner.model, runner.kv_cache, runner.attn
+        if batch.input_ids.device != runner.device:
+            batch = batch.to(runner.device)
+        attn.begin_forward(batch)
+        hidden = model.embed(batch.input_ids)
+        cos, sin = model.rope(batch, hidden.dtype)
+        self.stats.draft_rows += sum(v.num_drafts for v in verifications)
+        start = 0
+        for layer in self.config.layers:
+            hidden = model.forward_layers(hidden, batch, kv, attn, start, layer, (cos, sin))
+            start = layer
+            keep = self._decide(layer, hidden, batch, verifications)
+            if keep is not None:
+                hidden, cos, sin = hidden[keep[0]], cos[keep[0]], sin[keep[0]]
+                batch = batch.truncate(keep[1])
+                attn.begin_forward(batch)
+        hidden = model.forward_layers(hidden, batch, kv, attn, start, model.num_layers, (cos, sin))
+        return model.compute_logits(hidden[batch.logits_indices])
+
+    def _decide(self, layer: int, hidden: torch.Tensor, batch: ForwardBatch,
+                verifications: list[Verification]):
+        """Score every draft token that may still be pruned; cut requests at their first
+        predicted rejection.  Returns (kept row indices, new q per request) or None."""
+        qo = batch.qo_indptr.tolist()
+        rows, cands, owners = [], [], []
+        for v in verifications:
+            scored = v.rows - 1  # rows 0..rows-2 of the block predict d_1..d_{rows-1}
+            if scored <= 0:
+                continue
+            first = qo[v.index + 1] - v.rows  # the block is the request's last rows
+            rows.extend(range(first, first + scored))
+            cands.append(v.candidates[:scored])
+            owners.append((v, scored))
+        if not rows:
+            return None
+        device = hidden.device
+        predicted = self.predictor.predict_rejected(
+            hidden[torch.tensor(rows, device=device)], torch.cat(cands).to(device)).tolist()
+        stats = self.stats.layer(layer)
+        new_q = [qo[i + 1] - qo[i] for i in range(len(qo) - 1)]
+        changed = False
+        offset = 0
+        for v, scored in owners:
+            flags = predicted[offset: offset + scored]
+            offset += scored
+            stats.scored += scored
+            v.predicted_at[layer] = flags
+            if self.config.diagnostic or not any(flags):
+                continue
+            j = flags.index(True) + 1  # first predicted rejection: d_j
+            drop = v.rows - j  # rows of d_j .. d_k (and the bonus row)
+            stats.rows_pruned += drop
+            self.stats.layer_rows_saved += drop * (self.runner.model.num_layers - layer)
+            v.verified, v.bonus = j, False
+            new_q[v.index] -= drop
+            changed = True
+        if not changed:
+            return None
+        keep = [r for i in range(len(qo) - 1) for r in range(qo[i], qo[i] + new_q[i])]
+        return torch.tensor(keep, device=device), new_q
+
+    def record_outcome(self, v: Verification, accepted: int) -> None:
+        """Label this pass's predictions with the full-depth verdicts: d_j was rejected iff
+        j > accepted.  Only d_1..d_verified have verdicts (the rest were pruned unverified)."""
+        first_rejected = accepted + 1 if accepted < v.verified else None
+        for layer, flags in v.predicted_at.items():
+            stats = self.stats.layer(layer)
+            for j, flag in enumerate(flags, start=1):
+                if j > v.verified:
+                    break
+                if flag:
+                    stats.predicted += 1
+                    stats.predicted_right += j > accepted
+                if j == first_rejected:
+                    stats.first_rejections += 1
+                    stats.first_rejections_caught += flag
+
+
+def make_early_exit(runner, layers: str = "auto", threshold: float = DEFAULT_THRESHOLD,
+                    candidates: int = DEFAULT_CANDIDATES, diagnostic: bool = False) -> EarlyExitVerifier:
+    """The verifier for a target runner, from the server's --faser-exit-* options."""
+    config = ExitConfig(parse_exit_layers(layers, runner.model.num_layers), threshold, candidates, diagnostic)
+    return EarlyExitVerifier(runner, config)

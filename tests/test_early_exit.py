@@ -1,0 +1,213 @@
+"""FASER early exit inside verification (faser_sgl/speculative/early_exit.py).
+
+Lossless whatever the predictor says: greedy output stays token-identical to target-only
+decoding and sampled output keeps the target's law, with the default threshold, with one that
+prunes most drafts, and with one that prunes every draft at the first exit layer.  Pruned rows
+really skip the later layers, their KV slots come back, and the batch cut mid-pass is the batch
+that would have been built without the pruned tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from faser_sgl.executor.forward_batch import ForwardBatch
+from faser_sgl.speculative import early_exit
+from faser_sgl.speculative.spec_generator import SpeculativeGenerator
+from spec_harness import Engine
+from test_speculative_sampling import NOISY_DRAFT, first_verification_check
+
+PROMPTS = [[5, 17, 33], list(range(40, 75)), [7] * 11, list(range(100, 123)), [3, 9], [250, 30, 31, 2, 8]]
+PRUNE_ALL = float("-inf")  # every scored draft is predicted rejected
+AGGRESSIVE = -3.0  # prune unless d_j's lens logit beats every alternative's by 3
+
+
+@pytest.fixture(scope="module")
+def target(tiny_model_factory):
+    return tiny_model_factory("llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def target_only(target):
+    engine = Engine(target, None)
+    return engine.run([engine.make_request(p, 20, temperature=0) for p in PROMPTS])
+
+
+def exit_engine(target, draft, layers="1", threshold=early_exit.DEFAULT_THRESHOLD, diagnostic=False, **kw):
+    return Engine(target, draft, early_exit=True,
+                  exit_options={"layers": layers, "threshold": threshold, "diagnostic": diagnostic}, **kw)
+
+
+@pytest.mark.parametrize("layers,threshold", [("1", early_exit.DEFAULT_THRESHOLD), ("1,2", AGGRESSIVE),
+                                              ("1", PRUNE_ALL), ("2", 0.0)],
+                         ids=["default", "aggressive", "prune-all-first-layer", "late-layer"])
+def test_greedy_identical_to_target_only(target, partial_draft_path, target_only, layers, threshold):
+    engine = exit_engine(target, partial_draft_path, layers, threshold, k=4)
+    reqs = [engine.make_request(p, 20, draft_len=i % 6, temperature=0) for i, p in enumerate(PROMPTS)]
+    assert engine.run(reqs) == target_only  # Engine.run also checks that no KV slot leaked
+    stats = engine.generator.early_exit.stats.as_dict()
+    assert stats["draft_rows"] > 0
+    if threshold == PRUNE_ALL:
+        # Every draft row is pruned at the first exit: only d_1 is ever verified.
+        assert stats["rows_pruned"] == stats["draft_rows"]
+        assert engine.generator.num_drafted == engine.generator.num_verify_steps
+    if threshold == AGGRESSIVE:
+        assert stats["exit_ratio"] > 0.5, stats
+
+
+def test_the_policy_faser_turns_early_exit_on(target, partial_draft_path, target_only):
+    engine = Engine(target, partial_draft_path, policy="faser", k=4)
+    assert engine.generator.early_exit is not None
+    assert engine.policy.name == "faser"
+    assert engine.run([engine.make_request(p, 20, temperature=0) for p in PROMPTS]) == target_only
+    off = Engine(target, partial_draft_path, policy="faser", k=4, early_exit=False)
+    assert off.generator.early_exit is None
+
+
+def test_pruned_rows_skip_the_later_layers_and_free_their_slots(target, partial_draft_path):
+    engine = exit_engine(target, partial_draft_path, "1", PRUNE_ALL, k=4)
+    rows_per_layer: list[list[int]] = [[] for _ in range(engine.runner.model.num_layers)]
+    for i, layer in enumerate(engine.runner.model.model.layers):
+        layer.register_forward_pre_hook(lambda mod, args, i=i: rows_per_layer[i].append(args[0].shape[0]))
+    free_at_start = engine.runner.allocator.num_free
+    req = engine.make_request(PROMPTS[0], 6, draft_len=4, temperature=0)
+    # Step 1: prefill (3 rows, every layer); step 2: newest + 4 drafts verified, all pruned at
+    # layer 1 but the newest token's row, which verifies d_1.
+    engine.run([req])
+    assert [rows[:2] for rows in rows_per_layer] == [[3, 5], [3, 1], [3, 1]]
+    # Every later pass too: one row after the exit layer, whatever layer 0 saw.
+    assert set(rows_per_layer[1][1:]) == set(rows_per_layer[2][1:]) == {1}
+    assert engine.runner.allocator.num_free == free_at_start
+
+
+def test_truncated_batch_is_the_batch_without_the_pruned_tokens():
+    full = ForwardBatch.build([[1, 2, 3, 4], [7], [9, 8, 6]], [[10, 11, 12, 13, 14, 15], [20, 21], [30, 31, 32]],
+                              [[0, 1, 2, 3], [0], [1, 2]])
+    cut = full.truncate([2, 1, 1])
+    want = ForwardBatch.build([[1, 2], [7], [9]], [[10, 11, 12, 13], [20, 21], [30]], [[0, 1], [0], []])
+    for name in ("input_ids", "positions", "qo_indptr", "kv_indptr", "kv_indices", "out_cache_loc",
+                 "logits_indices"):
+        assert torch.equal(getattr(cut, name), getattr(want, name)), name
+    with pytest.raises(ValueError, match="cannot cut"):
+        full.truncate([5, 1, 1])
+
+
+def test_diagnostic_mode_prunes_nothing_and_labels_predictions(target, partial_draft_path, target_only):
+    engine = exit_engine(target, partial_draft_path, "1,2", AGGRESSIVE, diagnostic=True, k=4)
+    assert engine.run([engine.make_request(p, 20, temperature=0) for p in PROMPTS]) == target_only
+    stats = engine.generator.early_exit.stats.as_dict()
+    assert stats["rows_pruned"] == 0
+    for layer in (1, 2):
+        s = stats["layers"][layer]
+        assert s["scored"] > 0 and s["predicted"] > 0 and s["first_rejections"] > 0
+        assert 0.0 <= s["precision"] <= 1.0 and 0.0 <= s["recall"] <= 1.0
+    # Full depth everywhere: as many verified drafts as drafted ones.
+    assert engine.generator.num_drafted == stats["draft_rows"]
+
+
+def test_bad_exit_layers_are_refused():
+    with pytest.raises(ValueError, match="1..2"):
+        early_exit.parse_exit_layers("3", 3)
+    with pytest.raises(ValueError, match="comma-separated"):
+        early_exit.parse_exit_layers("half", 3)
+    assert early_exit.parse_exit_layers("auto", 28) == [14, 21]
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def make_exit_engine(tiny_model_factory):
+    target = tiny_model_factory("llama", seed=0)
+    draft = tiny_model_factory(**NOISY_DRAFT)
+
+    def make(threshold, scheme="rejection"):
+        return lambda: Engine(target, draft, k=2, max_running=250, sampling_scheme=scheme, early_exit=True,
+                              exit_options={"layers": "1", "threshold": threshold})
+    return make
+
+
+@pytest.mark.parametrize("threshold", [0.0, PRUNE_ALL], ids=["lens", "prune-all"])
+def test_rejection_sampling_keeps_the_target_law(make_exit_engine, threshold):
+    make = make_exit_engine(threshold)
+    check = first_verification_check(make)
+    assert check.pvalue_first > 1e-3, check
+    assert check.pvalue > 1e-3, check
+
+
+def test_coupled_sampling_keeps_the_target_law(make_exit_engine):
+    check = first_verification_check(make_exit_engine(0.0, "coupled"))
+    assert check.pvalue_first > 1e-3, check
+    assert check.pvalue > 1e-3, check
+
+
+def test_check_sees_resampling_in_place_of_a_pruned_token(make_exit_engine, monkeypatch):
+    """The tempting rule "a pruned token was never drafted: sample the target there instead"
+    is not lossless under rejection sampling when the prune depends on the token, as a lens
+    prediction does.  The same check must see it."""
+    real = SpeculativeGenerator._accept
+
+    def resample_instead(self, req, draft, logits, q_rows, bonus=True):
+        if bonus or not draft:
+            return real(self, req, draft, logits, q_rows, bonus)
+        return real(self, req, draft[:-1], logits, q_rows, True)
+
+    monkeypatch.setattr(SpeculativeGenerator, "_accept", resample_instead)
+    check = first_verification_check(make_exit_engine(0.0))
+    assert check.pvalue < 1e-6, f"resampling pruned positions went unnoticed ({check})"
+
+
+# --- through the server ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def faser_server(target, partial_draft_path, tmp_path_factory):
+    from server_utils import start_server
+    from test_adaptive_policy import GPU_PROFILE
+
+    # The GPU-like pinned costs make the adaptive drafter draft on these tiny models; the
+    # aggressive threshold makes early exit prune most drafts at the first exit layer.
+    server = start_server(target, tmp_path_factory.mktemp("faser"), [
+        "--max-total-tokens", "2048", "--enable-metrics", "--speculative-policy", "faser",
+        "--speculative-draft-model-path", partial_draft_path, "--speculative-num-draft-tokens", "4",
+        "--speculative-cost-profile", GPU_PROFILE, "--faser-exit-threshold", str(AGGRESSIVE)])
+    yield server
+    server.stop()
+
+
+def test_faser_server_is_lossless_and_reports_early_exit(faser_server, target):
+    import requests
+
+    from reference import hf_greedy, load_hf_model
+    from test_metrics import scrape
+
+    hf = load_hf_model(target)
+    before = scrape(faser_server)
+    for prompt in ([5, 17, 33], list(range(40, 70)), [3, 9]):
+        r = requests.post(f"{faser_server.base_url}/generate", timeout=120, json={
+            "input_ids": prompt, "sampling_params": {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}})
+        assert r.status_code == 200, r.text
+        assert r.json()["output_ids"] == hf_greedy(hf, prompt, 16)
+    state = faser_server.wait_kv_free()
+    assert state["kv_used_slots"] == 0
+    assert state["speculative_policy"] == "faser"
+    exits = state["spec_early_exit"]
+    assert exits["rows_pruned"] > 0 and "1" in exits["layers"], exits
+    pruned = scrape(faser_server)["faser:spec_early_exited_tokens_total"] - \
+        before["faser:spec_early_exited_tokens_total"]
+    assert pruned > 0
+
+
+def test_early_exit_options():
+    from test_adaptive_policy import _options
+
+    faser = _options("--speculative-policy", "faser", "--speculative-draft-model-path", "/d")
+    assert faser.early_exit_on and faser.exit_layers == "auto"
+    off = _options("--speculative-policy", "faser", "--speculative-draft-model-path", "/d", "--no-faser-early-exit")
+    assert not off.early_exit_on
+    fixed = _options("--speculative-policy", "fixed", "--speculative-draft-model-path", "/d", "--faser-early-exit",
+                     "--faser-exit-layers", "10,20", "--faser-exit-threshold", "1.5")
+    assert fixed.early_exit_on and fixed.exit_layers == "10,20" and fixed.exit_threshold == 1.5
+    with pytest.raises(SystemExit, match="needs a speculative policy"):
+        _options("--faser-early-exit")
+    with pytest.raises(SystemExit, match="faser-exit-layers"):
+        _options("--speculative-policy", "faser", "--speculative-draft-model-path", "/d", "--faser-exit-layers", "x")
