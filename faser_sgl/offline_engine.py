@@ -66,7 +66,8 @@ class OfflineEngine:
             self.generator = SpeculativeGenerator(
                 self.runner, draft, self.sampler, self.policy, self.runner.allocator, self.stop_checker,
                 max_step_tokens,
-                early_exit=make_early_exit(self.runner, **(exit_options or {})) if use_exit else None)
+                early_exit=make_early_exit(self.runner, **{"cost_model": self.policy, **(exit_options or {})})
+                if use_exit else None)
             self.generator.calibrate()
         else:
             self.generator = TargetOnlyGenerator(self.runner, self.sampler, self.stop_checker)

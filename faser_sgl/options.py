@@ -54,7 +54,8 @@ class FaserOptions:
     # draft candidates per token, and the diagnostic mode (full depth, predictions recorded).
     early_exit: bool | None = None
     exit_layers: str = "auto"
-    exit_threshold: float = 2.0
+    exit_threshold: float = 0.0
+    exit_draft_prob: float = 0.5
     exit_candidates: int = 8
     exit_diagnostic: bool = False
 
@@ -127,6 +128,9 @@ class FaserOptions:
         group.add_argument("--faser-exit-threshold", type=float, default=FaserOptions.exit_threshold,
                            help="prune draft token d when a draft alternative's intermediate "
                                 "(logit-lens) logit beats d's by more than this; lower prunes more")
+        group.add_argument("--faser-exit-draft-prob", type=float, default=FaserOptions.exit_draft_prob,
+                           help="... and only when the draft model gave d less than this probability "
+                                "(1.0: whatever the draft's confidence)")
         group.add_argument("--faser-exit-candidates", type=int, default=FaserOptions.exit_candidates,
                            help="draft alternatives per draft token that the exit predictor compares")
         group.add_argument("--faser-exit-diagnostic", action="store_true",
@@ -179,6 +183,7 @@ class FaserOptions:
             early_exit=args.faser_early_exit,
             exit_layers=layers,
             exit_threshold=args.faser_exit_threshold,
+            exit_draft_prob=args.faser_exit_draft_prob,
             exit_candidates=args.faser_exit_candidates,
             exit_diagnostic=args.faser_exit_diagnostic,
         )

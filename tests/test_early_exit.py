@@ -19,8 +19,9 @@ from spec_harness import Engine
 from test_speculative_sampling import NOISY_DRAFT, first_verification_check
 
 PROMPTS = [[5, 17, 33], list(range(40, 75)), [7] * 11, list(range(100, 123)), [3, 9], [250, 30, 31, 2, 8]]
-PRUNE_ALL = float("-inf")  # every scored draft is predicted rejected
+PRUNE_ALL = float("-inf")  # with LENS_ONLY: every scored draft is predicted rejected
 AGGRESSIVE = -3.0  # prune unless d_j's lens logit beats every alternative's by 3
+LENS_ONLY = float("inf")  # the draft-confidence gate lets every draft through to the lens rule
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,14 @@ def target_only(target):
     return engine.run([engine.make_request(p, 20, temperature=0) for p in PROMPTS])
 
 
-def exit_engine(target, draft, layers="1", threshold=early_exit.DEFAULT_THRESHOLD, diagnostic=False, **kw):
-    return Engine(target, draft, early_exit=True,
-                  exit_options={"layers": layers, "threshold": threshold, "diagnostic": diagnostic}, **kw)
+def exit_engine(target, draft, layers="1", threshold=early_exit.DEFAULT_THRESHOLD, diagnostic=False,
+                draft_prob=None, **kw):
+    """Fixed-K engine with early exit by the rule alone (the fixed policy has no cost model).
+    Forced thresholds also open the draft-confidence gate, so that the lens decides alone."""
+    if draft_prob is None:
+        draft_prob = early_exit.DEFAULT_DRAFT_PROB if threshold == early_exit.DEFAULT_THRESHOLD else LENS_ONLY
+    return Engine(target, draft, early_exit=True, exit_options={
+        "layers": layers, "threshold": threshold, "diagnostic": diagnostic, "draft_prob": draft_prob}, **kw)
 
 
 @pytest.mark.parametrize("layers,threshold", [("1", early_exit.DEFAULT_THRESHOLD), ("1,2", AGGRESSIVE),
@@ -123,7 +129,7 @@ def make_exit_engine(tiny_model_factory):
 
     def make(threshold, scheme="rejection"):
         return lambda: Engine(target, draft, k=2, max_running=250, sampling_scheme=scheme, early_exit=True,
-                              exit_options={"layers": "1", "threshold": threshold})
+                              exit_options={"layers": "1", "threshold": threshold, "draft_prob": LENS_ONLY})
     return make
 
 
@@ -162,14 +168,14 @@ def test_check_sees_resampling_in_place_of_a_pruned_token(make_exit_engine, monk
 @pytest.fixture(scope="module")
 def faser_server(target, partial_draft_path, tmp_path_factory):
     from server_utils import start_server
-    from test_adaptive_policy import GPU_PROFILE
 
-    # The GPU-like pinned costs make the adaptive drafter draft on these tiny models; the
-    # aggressive threshold makes early exit prune most drafts at the first exit layer.
+    # Fixed K with early exit switched on by flag, pruning by the rule alone (no cost model):
+    # the aggressive lens threshold with the confidence gate open prunes most drafts.
     server = start_server(target, tmp_path_factory.mktemp("faser"), [
-        "--max-total-tokens", "2048", "--enable-metrics", "--speculative-policy", "faser",
+        "--max-total-tokens", "2048", "--enable-metrics", "--speculative-policy", "fixed",
+        "--faser-early-exit", "--faser-exit-draft-prob", "inf",
         "--speculative-draft-model-path", partial_draft_path, "--speculative-num-draft-tokens", "4",
-        "--speculative-cost-profile", GPU_PROFILE, "--faser-exit-threshold", str(AGGRESSIVE)])
+        "--faser-exit-threshold", str(AGGRESSIVE)])
     yield server
     server.stop()
 
@@ -189,7 +195,7 @@ def test_faser_server_is_lossless_and_reports_early_exit(faser_server, target):
         assert r.json()["output_ids"] == hf_greedy(hf, prompt, 16)
     state = faser_server.wait_kv_free()
     assert state["kv_used_slots"] == 0
-    assert state["speculative_policy"] == "faser"
+    assert state["speculative_policy"] == "fixed"
     exits = state["spec_early_exit"]
     assert exits["rows_pruned"] > 0 and "1" in exits["layers"], exits
     pruned = scrape(faser_server)["faser:spec_early_exited_tokens_total"] - \
@@ -211,3 +217,20 @@ def test_early_exit_options():
         _options("--faser-early-exit")
     with pytest.raises(SystemExit, match="faser-exit-layers"):
         _options("--speculative-policy", "faser", "--speculative-draft-model-path", "/d", "--faser-exit-layers", "x")
+
+
+def test_cost_model_prunes_only_where_rows_are_dear(target, partial_draft_path, target_only):
+    """Same rule, same drafts: with GPU-like costs (a row is nearly free) no predicted rejection
+    is worth a lost token; where every target row costs a lot, they are pruned."""
+    from faser_sgl.speculative.adaptive import AdaptiveLength, parse_cost_profile
+
+    pruned = {}
+    for name, profile in (("gpu", "target=30+0.01,draft=2+0.01"), ("dear-rows", "target=1+50,draft=1+0.1")):
+        engine = exit_engine(target, partial_draft_path, "1,2", AGGRESSIVE, k=4)
+        engine.generator.early_exit.cost_model = AdaptiveLength(4, parse_cost_profile(profile))
+        reqs = [engine.make_request(p, 20, temperature=0) for p in PROMPTS]
+        assert engine.run(reqs) == target_only
+        stats = engine.generator.early_exit.stats.as_dict()
+        assert stats["layers"][1]["scored"] > 0
+        pruned[name] = stats["rows_pruned"]
+    assert pruned["gpu"] == 0 and pruned["dear-rows"] > 0, pruned

@@ -117,7 +117,8 @@ class Scheduler:
 
             draft = DraftWorker(draft_runner, self.runner)
             early_exit = make_early_exit(self.runner, options.exit_layers, options.exit_threshold,
-                                         options.exit_candidates, options.exit_diagnostic) \
+                                         options.exit_candidates, options.exit_diagnostic,
+                                         options.exit_draft_prob, cost_model=self.policy) \
                 if options.early_exit_on else None
             self.generator = SpeculativeGenerator(self.runner, draft, self.sampler, self.policy, self.allocator,
                                                   self.stop_checker, self.planner.max_step_tokens,

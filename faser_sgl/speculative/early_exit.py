@@ -15,14 +15,27 @@ row of d_{j-1} instead would not be lossless under rejection sampling: the decis
 the value of d_j, and a choice between "test d_j" and "resample" that depends on d_j skews the
 output distribution.  For greedy and coupled sampling the two rules emit the same tokens.)
 
-The predictor (LensPredictor): a restricted logit lens.  The intermediate hidden state of the
-row that predicts d_j goes through the final norm and is multiplied by the LM-head rows of a few
-candidates only: d_j and the draft model's own top alternatives at that position.  d_j is
-predicted rejected when the best alternative's lens logit beats d_j's by more than the
-threshold.  Its cost is a norm and a [rows x candidates x hidden] product, nothing like a full
-LM head.  Pruned positions' full-depth verdict of d_j is known after the pass, so every prune
-is labelled right or wrong for free (``ExitStats``); a diagnostic mode runs full depth and only
-records what would have been pruned, which also measures recall.
+The predictor (LensPredictor): a restricted logit lens, gated by the draft's own confidence.
+The intermediate hidden state of the row that predicts d_j goes through the final norm and is
+multiplied by the LM-head rows of a few candidates only: d_j and the draft model's own top
+alternatives at that position.  d_j is predicted rejected when the best alternative's lens
+logit beats d_j's by more than the threshold and the draft gave d_j less than ``draft_prob``.
+Its cost is a norm and a [rows x candidates x hidden] product, nothing like a full LM head.
+Measured on the embedded pair (docs/benchmarks.md, scripts/bench_early_exit.py), the lens alone
+barely beats the base rate of rejections at any layer of the 1.5B target; the draft's
+probability carries most of the signal, and the two together reach precision ~0.7.
+
+Whether a predicted rejection is pruned is then a cost decision when the policy has a cost model
+(the adaptive drafter's, under ``--speculative-policy faser``): pruning saves the dropped rows'
+share of the remaining layers, priced on the target's measured cost curve at this pass's size,
+and risks, if d_j is in fact accepted, the tokens those rows would have emitted (expected from
+the request's acceptance rate), priced at the step's seconds per token; the chance of that is
+one minus the exit layer's precision so far.  On a CPU at small batch rows are cheap and little
+is pruned; in a big, compute-bound pass rows cost and predicted rejections are pruned.
+
+Pruned positions' full-depth verdict of d_j is known after the pass, so every prune is labelled
+right or wrong for free (``ExitStats``); a diagnostic mode runs full depth and only records what
+would have been pruned, which also measures recall.
 """
 
 from __future__ import annotations
@@ -34,7 +47,8 @@ import torch
 from faser_sgl.executor.forward_batch import ForwardBatch
 
 DEFAULT_CANDIDATES = 8
-DEFAULT_THRESHOLD = 2.0
+DEFAULT_THRESHOLD = 0.0
+DEFAULT_DRAFT_PROB = 0.5
 
 
 def parse_exit_layers(text: str, num_layers: int) -> list[int]:
@@ -59,6 +73,7 @@ def parse_exit_layers(text: str, num_layers: int) -> list[int]:
 class ExitConfig:
     layers: list[int]
     threshold: float = DEFAULT_THRESHOLD  # prune when an alternative beats d_j by more than this
+    draft_prob: float = DEFAULT_DRAFT_PROB  # ... and the draft gave d_j less than this (1.0: any)
     num_candidates: int = DEFAULT_CANDIDATES
     diagnostic: bool = False  # full depth always; only record what would have been pruned
 
@@ -129,7 +144,10 @@ class Verification:
     candidates: torch.Tensor  # [k, C] per draft token, the token itself in column 0
     verified: int = -1  # drafts verified at full depth (k unless pruned)
     bonus: bool = True  # whether the last row (the bonus token) survived
-    predicted_at: dict[int, list[bool]] = field(default_factory=dict)  # diagnostics per layer
+    predicted_at: dict[int, list[bool]] = field(default_factory=dict)  # flags per exit layer
+    margins_at: dict[int, list[float]] = field(default_factory=dict)  # lens margins per exit layer
+    draft_probs: list[float] | None = None  # the draft's probability of each of its tokens
+    accept_rate: float = 0.7  # the policy's estimate for this request (prices a wrong prune)
 
     def __post_init__(self):
         if self.verified < 0:
@@ -144,19 +162,31 @@ class Verification:
 class EarlyExitVerifier:
     """Runs a target verification pass in segments and prunes predicted rejections."""
 
-    def __init__(self, runner, config: ExitConfig, predictor: LensPredictor | None = None):
+    def __init__(self, runner, config: ExitConfig, predictor: LensPredictor | None = None,
+                 cost_model=None):
+        """cost_model: an object with ``target_cost`` (a CostCurve, as the adaptive policy
+        has): predicted rejections are pruned only where that pays; None: always."""
         self.runner = runner
         self.config = config
         self.predictor = predictor or LensPredictor(runner.model, config.threshold)
+        self.cost_model = cost_model
+        self._seconds_per_token = None
         self.stats = ExitStats()
+        # Diagnostic mode keeps every scored token as (layer, j, margin, draft prob, rejected,
+        # first rejection of its run), so that other thresholds can be evaluated afterwards.
+        self.records: list[tuple[int, int, float, float | None, bool, bool]] = []
         num_layers = runner.model.num_layers
         if any(not 0 < e < num_layers for e in config.layers):
             raise ValueError(f"exit layers {config.layers} outside 1..{num_layers - 1}")
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, verifications: list[Verification]) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, verifications: list[Verification],
+                seconds_per_token: float | None = None) -> torch.Tensor:
         """Float32 logits of the surviving logits rows, in batch order; each Verification's
-        ``verified``/``bonus`` say which of its rows survived."""
+        ``verified``/``bonus`` say which of its rows survived.  ``seconds_per_token``: what a
+        token emitted by this step costs (predicted step time / expected tokens), the price of
+        a token lost to a wrong prune."""
+        self._seconds_per_token = seconds_per_token
         runner = self.runner
         model, kv, attn = runner.model, runner.kv_cache, runner.attn
         if batch.input_ids.device != runner.device:
@@ -194,8 +224,12 @@ class EarlyExitVerifier:
         if not rows:
             return None
         device = hidden.device
-        predicted = self.predictor.predict_rejected(
-            hidden[torch.tensor(rows, device=device)], torch.cat(cands).to(device)).tolist()
+        margins = self.predictor.margins(hidden[torch.tensor(rows, device=device)], torch.cat(cands).to(device))
+        confident = torch.tensor([p for v, n in owners for p in (v.draft_probs or [0.0] * n)[:n]],
+                                 device=margins.device) >= self.config.draft_prob
+        predicted = ((margins < -self.predictor.threshold) & ~confident).tolist()
+        margins = margins.tolist()
+        total_rows = batch.num_tokens
         stats = self.stats.layer(layer)
         new_q = [qo[i + 1] - qo[i] for i in range(len(qo) - 1)]
         changed = False
@@ -205,10 +239,14 @@ class EarlyExitVerifier:
             offset += scored
             stats.scored += scored
             v.predicted_at[layer] = flags
+            v.margins_at[layer] = margins[offset - scored: offset]
             if self.config.diagnostic or not any(flags):
                 continue
             j = flags.index(True) + 1  # first predicted rejection: d_j
             drop = v.rows - j  # rows of d_j .. d_k (and the bonus row)
+            if not self._prune_pays(layer, v, drop, total_rows):
+                continue
+            total_rows -= drop
             stats.rows_pruned += drop
             self.stats.layer_rows_saved += drop * (self.runner.model.num_layers - layer)
             v.verified, v.bonus = j, False
@@ -218,6 +256,22 @@ class EarlyExitVerifier:
             return None
         keep = [r for i in range(len(qo) - 1) for r in range(qo[i], qo[i] + new_q[i])]
         return torch.tensor(keep, device=device), new_q
+
+    def _prune_pays(self, layer: int, v: Verification, drop: int, total_rows: int) -> bool:
+        """Whether dropping ``drop`` rows of ``v`` after ``layer`` saves more time than it
+        risks (see the module docstring).  Without a cost model: always."""
+        if self.cost_model is None or self._seconds_per_token is None:
+            return True
+        from faser_sgl.speculative.adaptive import expected_tokens
+
+        curve = self.cost_model.target_cost
+        layers_left = (self.runner.model.num_layers - layer) / self.runner.model.num_layers
+        saved_s = (curve.predict(total_rows) - curve.predict(total_rows - drop)) * layers_left
+        stats = self.stats.layer(layer)
+        wrong = 1.0 - (stats.predicted_right + 1) / (stats.predicted + 2)  # Beta(1, 1) prior
+        # If d_j is accepted after all, the dropped rows would have emitted 1 + a + ... tokens.
+        lost_s = wrong * expected_tokens(v.accept_rate, drop - 1) * self._seconds_per_token
+        return saved_s > lost_s
 
     def record_outcome(self, v: Verification, accepted: int) -> None:
         """Label this pass's predictions with the full-depth verdicts: d_j was rejected iff
@@ -234,10 +288,19 @@ class EarlyExitVerifier:
                 if j == first_rejected:
                     stats.first_rejections += 1
                     stats.first_rejections_caught += flag
+                if self.config.diagnostic:
+                    prob = v.draft_probs[j - 1] if v.draft_probs else None
+                    self.records.append((layer, j, v.margins_at[layer][j - 1], prob, j > accepted,
+                                         j == first_rejected))
 
 
 def make_early_exit(runner, layers: str = "auto", threshold: float = DEFAULT_THRESHOLD,
-                    candidates: int = DEFAULT_CANDIDATES, diagnostic: bool = False) -> EarlyExitVerifier:
-    """The verifier for a target runner, from the server's --faser-exit-* options."""
-    config = ExitConfig(parse_exit_layers(layers, runner.model.num_layers), threshold, candidates, diagnostic)
-    return EarlyExitVerifier(runner, config)
+                    candidates: int = DEFAULT_CANDIDATES, diagnostic: bool = False,
+                    draft_prob: float = DEFAULT_DRAFT_PROB, cost_model=None) -> EarlyExitVerifier:
+    """The verifier for a target runner, from the server's --faser-exit-* options.
+    ``cost_model``: the policy, when it has a target cost curve (prunes only where it pays)."""
+    config = ExitConfig(parse_exit_layers(layers, runner.model.num_layers), threshold, draft_prob,
+                        candidates, diagnostic)
+    if cost_model is not None and not hasattr(cost_model, "target_cost"):
+        cost_model = None
+    return EarlyExitVerifier(runner, config, cost_model=cost_model)

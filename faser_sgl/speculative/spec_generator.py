@@ -53,6 +53,7 @@ class SpeculativeGenerator:
         self.on_verify = None
         self.on_draft_lengths = None
         self.on_early_exit = None  # (draft tokens pruned inside this step's verification)
+        self._draft_confidence: dict[int, list[float]] = {}  # per request, this step's drafts
 
     # -- cost calibration --------------------------------------------------------------------
     def calibrate(self, repeats: int = 2) -> float:
@@ -149,7 +150,10 @@ class SpeculativeGenerator:
         for c in chunks:
             k = k_of.get(id(c.req), 0)
             if k and self.early_exit is not None:
-                verifications[id(c.req)] = Verification(len(feeds), k, torch.stack(candidates[id(c.req)]))
+                verifications[id(c.req)] = Verification(
+                    len(feeds), k, torch.stack(candidates[id(c.req)]),
+                    draft_probs=self._draft_confidence.pop(id(c.req), None),
+                    accept_rate=self._accept_rate(c.req))
             tokens = c.tokens + drafts.get(id(c.req), [])
             feeds.append(tokens)
             slot_lists.append(c.req.kv_slots)
@@ -159,7 +163,8 @@ class SpeculativeGenerator:
                 rows.append([])
         batch = ForwardBatch.build(feeds, slot_lists, rows)
         if verifications:
-            logits = self._timed("target", feeds, self.early_exit.forward, batch, list(verifications.values()))
+            logits = self._timed("target", feeds, self.early_exit.forward, batch, list(verifications.values()),
+                                 self._seconds_per_token(chunks, k_of, batch.num_tokens))
             pruned = sum(v.num_drafts - v.verified for v in verifications.values())
             if pruned and self.on_early_exit is not None:
                 self.on_early_exit(pruned)
@@ -199,6 +204,22 @@ class SpeculativeGenerator:
             out[req] = emitted[:kept]
         # Prefill-only chunks: nothing to emit (the draft sees their tokens when they draft).
         return out
+
+    def _seconds_per_token(self, chunks, k_of: dict[int, int], num_tokens: int) -> float | None:
+        """Predicted seconds of this step's target pass per token it is expected to emit (the
+        price of a token that a wrong early-exit prune loses), from early exit's cost model."""
+        cost_model = self.early_exit.cost_model
+        if cost_model is None:
+            return None
+        from faser_sgl.speculative.adaptive import expected_tokens
+
+        tokens = sum(expected_tokens(self._accept_rate(c.req), k_of.get(id(c.req), 0))
+                     for c in chunks if c.needs_logits)
+        return cost_model.target_cost.predict(num_tokens) / max(tokens, 1.0)
+
+    def _accept_rate(self, req: Request) -> float:
+        """The policy's acceptance estimate for req, or a neutral prior for policies without."""
+        return self.policy.accept_rate(req) if hasattr(self.policy, "accept_rate") else 0.7
 
     def _count_verification(self, req: Request, drafted: int, accepted: int, kept: int,
                             emitted: int) -> None:
@@ -281,6 +302,10 @@ class SpeculativeGenerator:
         if self.early_exit is not None:
             alternatives = logits.topk(self.early_exit.config.num_candidates, dim=-1).indices
             top = torch.cat([drawn.to(alternatives.device)[:, None], alternatives], dim=1).cpu()
+            # The draft's own confidence in its token: half of the exit predictor's signal.
+            own = torch.softmax(logits.float(), dim=-1).gather(1, drawn.to(logits.device)[:, None])
+            for r, p in zip(reqs, own[:, 0].tolist()):
+                self._draft_confidence.setdefault(id(r), []).append(p)
         for i, (r, t) in enumerate(zip(reqs, tokens)):
             drafts[id(r)].append(t)
             probs[id(r)].append(q[i])
