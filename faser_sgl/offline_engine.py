@@ -99,7 +99,7 @@ class OfflineEngine:
     def step(self) -> list[Request]:
         """One scheduler step; returns the requests that finished in it."""
         extra = self.num_draft_tokens if self.speculative else 0
-        chunks = self.planner.plan(extra_slots_per_decode=extra)
+        chunks = self.planner.plan(extra_slots_per_decode=extra, prefill_first=self.speculative)
         if not chunks:
             raise RuntimeError("the planner made no progress")
         self.generator.generate(chunks)  # appends each request's new tokens

@@ -29,6 +29,7 @@ from faser_sgl import default_models
 from faser_sgl.bench.chat_prompts import chat_prompt_ids
 from faser_sgl.offline_engine import OfflineEngine
 from faser_sgl.speculative import early_exit
+from faser_sgl.speculative.adaptive import AdaptiveLength
 
 
 def run_all(engine: OfflineEngine, prompts: list[list[int]], new_tokens: int, concurrency: int):
@@ -79,8 +80,9 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--layers", default="4,7,10,14,18,21,24,26")
     ap.add_argument("--thresholds", type=float, nargs="+", default=[-1, 0, 1, 2, 4, 8])
-    ap.add_argument("--live", nargs="*", default=["14:2", "21:1", "24:0"],
-                    help="live settings LAYERS:THRESHOLD (layers comma-separated)")
+    ap.add_argument("--live", nargs="*", default=["14,21:0:0.5", "14,21:0:0.5:cost", "24:0:1.0"],
+                    help="live settings LAYERS:THRESHOLD:DRAFT_PROB[:cost] (layers comma-separated; "
+                         "cost: prune only where the calibrated cost model says it pays)")
     ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 4])
     ap.add_argument("--records-out", default=None, help="write the diagnostic records here (JSON)")
     args = ap.parse_args()
@@ -99,7 +101,7 @@ def main() -> None:
           f"float32, greedy, fixed K={args.k}, {len(prompts)} prompts x {args.new_tokens} new tokens\n")
 
     # 1. Diagnostic: full depth, every score recorded and labelled.
-    gen.early_exit = early_exit.make_early_exit(engine.runner, args.layers, diagnostic=True)
+    gen.early_exit = early_exit.make_early_exit(engine.runner, args.layers, diagnostic=True, draft_prob=1.0)
     reference, _ = run_all(engine, prompts, args.new_tokens, len(prompts))
     records = gen.early_exit.records
     if args.records_out:
@@ -140,8 +142,15 @@ def main() -> None:
             if setting is None:
                 gen.early_exit = None
             else:
-                layers, threshold = setting.split(":")
-                gen.early_exit = early_exit.make_early_exit(engine.runner, layers, float(threshold))
+                layers, threshold, draft_prob, *cost = setting.split(":")
+                cost_model = None
+                if cost:  # the adaptive drafter's cost curves, calibrated on this machine
+                    fixed, cost_model = gen.policy, AdaptiveLength(args.k)
+                    gen.policy = cost_model
+                    gen.calibrate()
+                    gen.policy = fixed
+                gen.early_exit = early_exit.make_early_exit(engine.runner, layers, float(threshold),
+                                                            draft_prob=float(draft_prob), cost_model=cost_model)
             predictor_s = [0.0]
             if gen.early_exit is not None:
                 real_decide = gen.early_exit._decide

@@ -1,8 +1,8 @@
-"""Benchmark: no speculation vs the fixed-K draft-then-verify baseline and the adaptive
-per-request drafter, in-process.
+"""Benchmark: no speculation vs the fixed-K draft-then-verify baseline, the adaptive
+per-request drafter and FASER (adaptive + early exit), in-process.
 
     python scripts/bench_speculative.py [--dtype float32] [--new-tokens 64] [--ks 2 4 6]
-                                        [--adaptive-max 4]
+                                        [--adaptive-max 4] [--concurrency 1 8] [--no-faser]
 
 Runs the scheduler's own planner/generator code (faser_sgl.offline_engine) on the embedded
 Qwen2.5-Coder pair, greedy, at concurrency 1 and 8, and prints tokens/s, the ratio to no
@@ -23,6 +23,7 @@ from faser_sgl.bench.chat_prompts import chat_prompt_ids
 from faser_sgl.managers.token_generator import TargetOnlyGenerator
 from faser_sgl.offline_engine import OfflineEngine
 from faser_sgl.speculative.adaptive import AdaptiveLength
+from faser_sgl.speculative.early_exit import make_early_exit
 from faser_sgl.speculative.policy import FixedLength
 from faser_sgl.speculative.spec_generator import SpeculativeGenerator
 
@@ -50,6 +51,8 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--adaptive-max", type=int, default=4,
                     help="also run the adaptive policy with at most this many drafts (0: skip)")
+    ap.add_argument("--no-faser", action="store_true",
+                    help="skip FASER (the adaptive policy + early exit, default exit options)")
     args = ap.parse_args()
 
     from transformers import AutoTokenizer
@@ -64,12 +67,13 @@ def main() -> None:
     spec_gen: SpeculativeGenerator = engine.generator
     plain_gen = TargetOnlyGenerator(engine.runner, engine.sampler, engine.stop_checker)
 
-    def use(k: int | None, adaptive: bool = False):
+    def use(k: int | None, adaptive: bool = False, faser: bool = False):
         engine.speculative = k is not None
         engine.generator = spec_gen if k is not None else plain_gen
         if k is not None:
             engine.num_draft_tokens = k
             spec_gen.policy = AdaptiveLength(k) if adaptive else FixedLength(k)
+            spec_gen.early_exit = make_early_exit(engine.runner, cost_model=spec_gen.policy) if faser else None
             spec_gen.calibrate()  # what the server does at start for a cost-aware policy
             spec_gen.num_verify_steps = spec_gen.num_drafted = spec_gen.num_accepted = 0
 
@@ -78,23 +82,30 @@ def main() -> None:
     print(f"# faser_sgl speculative benchmark: {platform.node()}, {torch.get_num_threads()} threads, "
           f"{args.dtype}, greedy, {len(prompts)} prompts x {args.new_tokens} new tokens "
           f"(eos may stop earlier)\n")
-    print("| concurrency | policy | tokens/s | vs none | mean accept length | identical to none |")
-    print("|---|---|---|---|---|---|")
+    print("| concurrency | policy | tokens/s | vs none | mean accept length | identical to none | "
+          "draft rows pruned |")
+    print("|---|---|---|---|---|---|---|")
     for conc in args.concurrency:
         use(None)
         base_out, base_tps = run_config(engine, prompts, args.new_tokens, conc)
-        print(f"| {conc} | none | {base_tps:.2f} | 1.00x | - | - |", flush=True)
-        runs = [(k, False, f"fixed K={k}") for k in args.ks]
+        print(f"| {conc} | none | {base_tps:.2f} | 1.00x | - | - | - |", flush=True)
+        runs = [(k, False, False, f"fixed K={k}") for k in args.ks]
         if args.adaptive_max:
-            runs.append((args.adaptive_max, True, f"adaptive K<={args.adaptive_max}"))
-        for k, adaptive, name in runs:
-            use(k, adaptive)
+            runs.append((args.adaptive_max, True, False, f"adaptive K<={args.adaptive_max}"))
+            if not args.no_faser:
+                runs.append((args.adaptive_max, True, True, f"faser K<={args.adaptive_max}"))
+        for k, adaptive, faser, name in runs:
+            use(k, adaptive, faser)
             out, tps = run_config(engine, prompts, args.new_tokens, conc)
             steps = spec_gen.num_verify_steps
             accept = (spec_gen.num_accepted + steps) / steps if steps else float("nan")
             same = sum(a == b for a, b in zip(out, base_out))
+            pruned = "-"
+            if spec_gen.early_exit is not None:
+                ratio = spec_gen.early_exit.stats.as_dict()["exit_ratio"]
+                pruned = "none drafted" if ratio is None else f"{ratio:.0%}"
             print(f"| {conc} | {name} | {tps:.2f} | {tps / base_tps:.2f}x | {accept:.2f} | "
-                  f"{same}/{len(out)} |", flush=True)
+                  f"{same}/{len(out)} | {pruned} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -215,3 +215,36 @@ def test_seeded_coupled_scheme_only_couples_seeded_requests(target):
     assert not engine.make_request([1], 4, temperature=0, sampling_seed=3).sampling.coupled
     with pytest.raises(ValueError, match="sampling scheme"):
         Engine(target, None, sampling_scheme="bogus").make_request([1], 4, temperature=1.0)
+
+
+def test_a_new_prompt_is_prefilled_in_a_step_without_drafting(target, partial_draft_path):
+    """Under speculation a new request's prefill gets a step of its own (no draft passes, no
+    verification rows in front of its first token), and the decodes run the step after, so a
+    stream of arrivals cannot starve them."""
+    engine = Engine(target, partial_draft_path, k=3)
+    running = engine.make_request(PROMPTS[1], 30, temperature=0)
+    engine.planner.add(running)
+    engine.step()  # its prefill
+    engine.step()  # a speculative step
+    assert engine.generator.num_verify_steps == 1
+    newcomer, another = (engine.make_request(p, 4, temperature=0) for p in (PROMPTS[0], PROMPTS[3]))
+    engine.planner.add(newcomer)
+    draft_calls = []
+    forward = engine.generator.draft.forward
+    engine.generator.draft.forward = lambda feeds, slots: draft_calls.append(len(feeds)) or forward(feeds, slots)
+    before = len(running.output_ids)
+    engine.step()
+    assert len(newcomer.output_ids) == 1 and len(running.output_ids) == before and not draft_calls
+    engine.planner.add(another)  # arrives at once: still, the decodes run now (its prefill may join)
+    engine.step()
+    assert len(running.output_ids) > before and draft_calls
+    # Without speculation nothing changes: prefill and decodes share a step, as before.
+    plain = Engine(target, None)
+    first = plain.make_request(PROMPTS[1], 30, temperature=0)
+    plain.planner.add(first)
+    plain.step()
+    plain.planner.add(plain.make_request(PROMPTS[0], 4, temperature=0))
+    chunks = plain.planner.plan()
+    assert len(chunks) == 2
+    for c in chunks:
+        plain.planner.take_back(c)

@@ -16,7 +16,8 @@ CHAT_PROMPTS = [
 
 
 def chat_prompt_ids(tokenizer, num_prompts: int, prompts: list[str] = CHAT_PROMPTS) -> list[list[int]]:
-    """The first num_prompts prompts as user turns through the model's chat template."""
+    """The first num_prompts prompts as user turns through the model's chat template (the list
+    repeats when more are asked for than it has, e.g. for concurrency 16)."""
     return [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                tokenize=True, return_dict=True)["input_ids"])
-            for p in prompts[:num_prompts]]
+            for p in (prompts[i % len(prompts)] for i in range(num_prompts))]

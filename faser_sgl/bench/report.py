@@ -149,9 +149,9 @@ def _ratio(value: float, base: float, higher_is_better: bool) -> str:
 
 def _table(rows: list[dict], baseline: dict[tuple, dict], greedy: bool) -> list[str]:
     lines = ["| setting | load (req/s) | done | out tok/s | tput vs base | mean e2e (s) | e2e vs base "
-             "| p99 e2e (s) | p99 vs base | mean TTFT (s) | p99 TTFT (s) | mean TPOT (ms) "
+             "| p99 e2e (s) | p99 vs base | mean TTFT (s) | TTFT vs base | p99 TTFT (s) | mean TPOT (ms) "
              "| accept rate | mean accept len | same text as base |",
-             "|" + "---|" * 15]
+             "|" + "---|" * 16]
     for r in rows:
         m = r["metrics"]
         base = baseline.get((r["workload"], r["rate"]))
@@ -162,7 +162,8 @@ def _table(rows: list[dict], baseline: dict[tuple, dict], greedy: bool) -> list[
             f"| {m['output_throughput']:.2f} | {_ratio(m['output_throughput'], bm.get('output_throughput'), True)} "
             f"| {m['mean_e2e_latency_ms'] / 1e3:.2f} | {_ratio(m['mean_e2e_latency_ms'], bm.get('mean_e2e_latency_ms'), False)} "
             f"| {m['p99_e2e_latency_ms'] / 1e3:.2f} | {_ratio(m['p99_e2e_latency_ms'], bm.get('p99_e2e_latency_ms'), False)} "
-            f"| {m['mean_ttft_ms'] / 1e3:.2f} | {m['p99_ttft_ms'] / 1e3:.2f} | {m['mean_tpot_ms']:.0f} "
+            f"| {m['mean_ttft_ms'] / 1e3:.2f} | {_ratio(m['mean_ttft_ms'], bm.get('mean_ttft_ms'), False)} "
+            f"| {m['p99_ttft_ms'] / 1e3:.2f} | {m['mean_tpot_ms']:.0f} "
             f"| {_fmt(spec['accept_rate'], '.2f')} | {_fmt(accept_length(spec), '.2f')} "
             f"| {_identical(r, base) if greedy else 'n/a (sampling)'} |")
     return lines
@@ -186,7 +187,8 @@ def headline(results: list[dict], baseline_name: str) -> list[str]:
                     f"at {r['rate']:.3g} req/s: throughput "
                     f"{_ratio(r['metrics']['output_throughput'], b['metrics']['output_throughput'], True)}, "
                     f"mean latency {_ratio(r['metrics']['mean_e2e_latency_ms'], b['metrics']['mean_e2e_latency_ms'], False)}, "
-                    f"p99 latency {_ratio(r['metrics']['p99_e2e_latency_ms'], b['metrics']['p99_e2e_latency_ms'], False)}")
+                    f"p99 latency {_ratio(r['metrics']['p99_e2e_latency_ms'], b['metrics']['p99_e2e_latency_ms'], False)}, "
+                    f"mean TTFT {_ratio(r['metrics']['mean_ttft_ms'], b['metrics']['mean_ttft_ms'], False)}")
             if parts:
                 lines.append(f"- **{name}** vs {baseline_name}, {workload}: " + "; ".join(parts) + ".")
     if lines:

@@ -297,7 +297,7 @@ class Scheduler:
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> None:
         chunks = self.planner.plan(extra_slots_per_decode=self.options.speculative_num_draft_tokens
-                                   if self.speculative else 0)
+                                   if self.speculative else 0, prefill_first=self.speculative)
         if not chunks:
             return
         try:
