@@ -105,6 +105,10 @@ class BatchPlanner:
                 break
             chunks.append(ScheduledChunk(req, pending[:take], needs_logits=take == len(pending)))
             budget -= take
+        if prefill_only and not chunks:
+            # No slot for any prefill chunk (the pool is dry and the decodes may not be
+            # retracted for it): the decodes run instead, or nothing would move.
+            return self.plan(extra_slots_per_decode, prefill_first=False)
         return chunks
 
     def _admit(self, extra_slots_per_decode: int) -> None:
