@@ -27,21 +27,12 @@ import torch
 
 from faser_sgl import default_models
 from faser_sgl.bench.chat_prompts import chat_prompt_ids
+from faser_sgl.bench.inprocess import run_at_concurrency
 from faser_sgl.offline_engine import OfflineEngine
 from faser_sgl.speculative import early_exit
 from faser_sgl.speculative.adaptive import AdaptiveLength
 
 
-def run_all(engine: OfflineEngine, prompts: list[list[int]], new_tokens: int, concurrency: int):
-    reqs = [engine.make_request(p, new_tokens, temperature=0) for p in prompts]
-    pending = list(reqs)
-    start = time.perf_counter()
-    while pending or engine.planner.has_work():
-        while pending and len(engine.planner.running) + len(engine.planner.waiting) < concurrency:
-            engine.planner.add(pending.pop(0))
-        engine.step()
-    elapsed = time.perf_counter() - start
-    return [r.output_ids for r in reqs], sum(len(r.output_ids) for r in reqs) / elapsed
 
 
 def lens_table(records, thresholds: list[float]) -> None:
@@ -102,7 +93,7 @@ def main() -> None:
 
     # 1. Diagnostic: full depth, every score recorded and labelled.
     gen.early_exit = early_exit.make_early_exit(engine.runner, args.layers, diagnostic=True, draft_prob=1.0)
-    reference, _ = run_all(engine, prompts, args.new_tokens, len(prompts))
+    reference, _ = run_at_concurrency(engine, prompts, args.new_tokens, len(prompts))
     records = gen.early_exit.records
     if args.records_out:
         import json
@@ -164,7 +155,7 @@ def main() -> None:
                 gen.early_exit._decide = decide
             target_time.clear()
             target_calls.clear()
-            outs, tps = run_all(engine, prompts, args.new_tokens, conc)
+            outs, tps = run_at_concurrency(engine, prompts, args.new_tokens, conc)
             passes = target_calls["target"]
             if base is None:
                 base = (outs, tps)

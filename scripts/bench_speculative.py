@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 
 import torch
 
 from faser_sgl import default_models
 from faser_sgl.bench.chat_prompts import chat_prompt_ids
+from faser_sgl.bench.inprocess import run_at_concurrency
 from faser_sgl.managers.token_generator import TargetOnlyGenerator
 from faser_sgl.offline_engine import OfflineEngine
 from faser_sgl.speculative.adaptive import AdaptiveLength
@@ -27,17 +27,6 @@ from faser_sgl.speculative.early_exit import make_early_exit
 from faser_sgl.speculative.policy import FixedLength
 from faser_sgl.speculative.spec_generator import SpeculativeGenerator
 
-def run_config(engine: OfflineEngine, prompts: list[list[int]], new_tokens: int, concurrency: int):
-    reqs = [engine.make_request(p, new_tokens, temperature=0) for p in prompts]
-    pending = list(reqs)
-    start = time.perf_counter()
-    while pending or engine.planner.has_work():
-        while pending and len(engine.planner.running) + len(engine.planner.waiting) < concurrency:
-            engine.planner.add(pending.pop(0))
-        engine.step()
-    elapsed = time.perf_counter() - start
-    tokens = sum(len(r.output_ids) for r in reqs)
-    return [r.output_ids for r in reqs], tokens / elapsed
 
 
 def main() -> None:
@@ -78,7 +67,7 @@ def main() -> None:
             spec_gen.num_verify_steps = spec_gen.num_drafted = spec_gen.num_accepted = 0
 
     use(None)
-    run_config(engine, prompts[:2], 8, 2)  # warm-up
+    run_at_concurrency(engine, prompts[:2], 8, 2)  # warm-up
     print(f"# faser_sgl speculative benchmark: {platform.node()}, {torch.get_num_threads()} threads, "
           f"{args.dtype}, greedy, {len(prompts)} prompts x {args.new_tokens} new tokens "
           f"(eos may stop earlier)\n")
@@ -87,7 +76,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for conc in args.concurrency:
         use(None)
-        base_out, base_tps = run_config(engine, prompts, args.new_tokens, conc)
+        base_out, base_tps = run_at_concurrency(engine, prompts, args.new_tokens, conc)
         print(f"| {conc} | none | {base_tps:.2f} | 1.00x | - | - | - |", flush=True)
         runs = [(k, False, False, f"fixed K={k}") for k in args.ks]
         if args.adaptive_max:
@@ -96,7 +85,7 @@ def main() -> None:
                 runs.append((args.adaptive_max, True, True, f"faser K<={args.adaptive_max}"))
         for k, adaptive, faser, name in runs:
             use(k, adaptive, faser)
-            out, tps = run_config(engine, prompts, args.new_tokens, conc)
+            out, tps = run_at_concurrency(engine, prompts, args.new_tokens, conc)
             steps = spec_gen.num_verify_steps
             accept = (spec_gen.num_accepted + steps) / steps if steps else float("nan")
             same = sum(a == b for a, b in zip(out, base_out))
