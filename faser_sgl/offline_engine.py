@@ -99,10 +99,13 @@ class OfflineEngine:
     def step(self) -> list[Request]:
         """One scheduler step; returns the requests that finished in it."""
         extra = self.num_draft_tokens if self.speculative else 0
-        chunks = self.planner.plan(extra_slots_per_decode=extra, prefill_first=self.speculative)
+        chunks = self.planner.plan(extra_slots_per_decode=extra)
         if not chunks:
             raise RuntimeError("the planner made no progress")
-        self.generator.generate(chunks)  # appends each request's new tokens
+        if self.generator.generate(chunks) is None:  # appends each request's new tokens
+            for c in chunks:  # preempted (a should_yield hook said so): nothing ran
+                self.planner.take_back(c)
+            return []
         done = []
         for c in chunks:
             if c.req.finished:

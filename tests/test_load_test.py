@@ -69,11 +69,14 @@ def test_harness_writes_consistent_results(harness_run):
         spec = r["spec"]
         if r["setting"] == "none":
             assert spec["spec_drafted_tokens"] == 0 and spec["accept_rate"] is None
+        elif spec["spec_drafted_tokens"] == 0:
+            # A burst of arrivals can leave no step without a prefill (such steps do not draft).
+            assert spec["accept_rate"] is None and r["workload"] == "bursty", r
         else:
-            assert spec["spec_drafted_tokens"] > 0
             assert spec["accept_rate"] == pytest.approx(
                 spec["spec_accepted_tokens"] / spec["spec_drafted_tokens"])
             assert ACCEPT_BAND[0] < spec["accept_rate"] < ACCEPT_BAND[1], spec
+    assert sum(r["spec"]["spec_drafted_tokens"] for r in results if r["setting"] == "k3") > 0
     # Same prompts, same arrivals and greedy decoding: speculation changes no output text.
     by_key = {(r["setting"], r["workload"], r["rate"]): r for r in results}
     for (setting, workload, rate), r in by_key.items():

@@ -126,6 +126,11 @@ def first_verification_check(make_engine, prompt: list[int] = PROMPT, params: di
     given token 1.  Request i uses sampling_seed = seed + i, so results are deterministic."""
     params = dict(PARAMS if params is None else params)
     engine = make_engine()
+    # Every request's first decode step verifies drafts (the draft catches up on all prompts in
+    # one pass, and decodes draft beside newcomers' prefills), so that tokens 2..k+1 of every
+    # request come from a verification: the test's power rests on it.
+    engine.generator.MIN_CATCH_UP_TOKENS = 1 << 20
+    engine.generator.DRAFT_BESIDE_PREFILL = True
     k = engine.num_draft_tokens
     reqs = [engine.make_request(prompt, k + 2, sampling_seed=seed + i, **params) for i in range(n)]
     outs = engine.run(reqs)

@@ -77,15 +77,36 @@ def test_draft_catch_up_stays_within_the_step_budget(target, partial_draft_path)
     budget = 64
     prompt = [(i * 37) % 500 + 3 for i in range(300)]
     reference = Engine(target, None, max_step_tokens=budget)
-    expected = reference.run([reference.make_request(prompt, 16, temperature=0)])
+    expected = reference.run([reference.make_request(prompt, 48, temperature=0)])
     engine = Engine(target, partial_draft_path, k=3, max_step_tokens=budget)
     draft_passes: list[int] = []
     forward = engine.generator.draft.forward
     engine.generator.draft.forward = lambda feeds, slots: draft_passes.append(sum(map(len, feeds))) or forward(feeds, slots)
-    assert engine.run([engine.make_request(prompt, 16, temperature=0)]) == expected
+    assert engine.run([engine.make_request(prompt, 48, temperature=0)]) == expected
     assert draft_passes and max(draft_passes) <= budget, draft_passes
     assert sum(draft_passes) >= len(prompt)  # the whole prompt was fed, in chunks
     assert engine.generator.num_verify_steps > 0
+
+
+def test_a_catch_up_pass_lasts_about_two_target_steps(target, partial_draft_path):
+    """The catch-up budget follows the measured pass costs: where the draft prefills at a real
+    cost per token (a CPU), a pass over a new prompt is cut to what runs in twice the step's
+    target pass; where a pass costs the same whatever its size (a GPU), the whole step budget."""
+    from faser_sgl.speculative.adaptive import CostCurve
+
+    engine = Engine(target, partial_draft_path, k=3, max_step_tokens=2048)
+    gen = engine.generator
+    cpu = {"target": CostCurve(0.3, 0.012), "draft": CostCurve(0.12, 0.0075)}
+    gpu = {"target": CostCurve(0.02, 0.00001), "draft": CostCurve(0.005, 0.000001)}
+    for costs in (cpu, gpu):
+        for model, curve in costs.items():
+            for n in (1, 4, 64, 1024):
+                curve.observe(n, curve.prior[0] + curve.prior[1] * n)
+    gen.pass_costs = cpu
+    # A 4-request step: target 0.35 s, so at most 0.7 s of draft catch-up: 64 tokens (0.59 s).
+    assert gen._catch_up_budget(4) == 64
+    gen.pass_costs = gpu
+    assert gen._catch_up_budget(4) == 2048
 
 
 def test_retraction_resets_the_draft_and_its_catch_up_is_chunked_too(target, partial_draft_path):
@@ -102,6 +123,13 @@ def test_retraction_resets_the_draft_and_its_catch_up_is_chunked_too(target, par
     assert engine.run([engine.make_request(p, 30, temperature=0) for p in prompts]) == expected
     assert engine.planner.num_retractions > 0
     assert max(draft_passes) <= budget
+
+
+def _whole_catch_up(engine):
+    """The draft catches up on a prompt in one pass, so that every step after the first token
+    verifies (the invariant below counts on it; the budget has its own tests)."""
+    engine.generator.MIN_CATCH_UP_TOKENS = 1 << 20
+    return engine
 
 
 def _tokens_per_pass_invariant(req) -> None:
@@ -122,7 +150,7 @@ def test_counters_stop_where_a_stop_token_cuts_an_accepted_run(target):
         stop_tok = full[stop_at]
         if stop_tok in full[:stop_at]:
             continue
-        engine = Engine(target, target, k=4)
+        engine = _whole_catch_up(Engine(target, target, k=4))
         req = engine.make_request(prompt, 40, temperature=0, stop_token_ids=[stop_tok])
         engine.run([req])
         assert req.output_ids == full[: stop_at + 1]
@@ -151,7 +179,7 @@ def test_stop_strings_meet_speculation(target, partial_draft_path):
         expected = reference.run([reference.make_request(prompt, 30, temperature=0, stop=(stop,))])[0]
         assert len(expected) < 30
         for draft in (target, partial_draft_path):
-            engine = Engine(target, draft, k=4, tokenizer=tok)
+            engine = _whole_catch_up(Engine(target, draft, k=4, tokenizer=tok))
             req = engine.make_request(prompt, 30, temperature=0, stop=(stop,))
             engine.run([req])
             assert req.output_ids == expected
@@ -217,27 +245,33 @@ def test_seeded_coupled_scheme_only_couples_seeded_requests(target):
         Engine(target, None, sampling_scheme="bogus").make_request([1], 4, temperature=1.0)
 
 
-def test_a_new_prompt_is_prefilled_in_a_step_without_drafting(target, partial_draft_path):
-    """Under speculation a new request's prefill gets a step of its own (no draft passes, no
-    verification rows in front of its first token), and the decodes run the step after, so a
-    stream of arrivals cannot starve them."""
-    engine = Engine(target, partial_draft_path, k=3)
+def _count_draft_passes(engine) -> list[int]:
+    calls = []
+    forward = engine.generator.draft.forward
+    engine.generator.draft.forward = lambda feeds, slots: calls.append(len(feeds)) or forward(feeds, slots)
+    return calls
+
+
+def test_a_step_carrying_a_prefill_drafts_nothing(target, partial_draft_path):
+    """Under speculation a new request's prefill shares the step with the decodes, which feed
+    only their newest token: no draft passes and no verification rows stand before the new
+    prompt's first token, and the decodes still advance one token (so arrivals cannot starve
+    them).  The next step drafts again."""
+    engine = _whole_catch_up(Engine(target, partial_draft_path, k=3))
     running = engine.make_request(PROMPTS[1], 30, temperature=0)
     engine.planner.add(running)
     engine.step()  # its prefill
     engine.step()  # a speculative step
     assert engine.generator.num_verify_steps == 1
-    newcomer, another = (engine.make_request(p, 4, temperature=0) for p in (PROMPTS[0], PROMPTS[3]))
+    newcomer = engine.make_request(PROMPTS[0], 4, temperature=0)
     engine.planner.add(newcomer)
-    draft_calls = []
-    forward = engine.generator.draft.forward
-    engine.generator.draft.forward = lambda feeds, slots: draft_calls.append(len(feeds)) or forward(feeds, slots)
-    before = len(running.output_ids)
+    draft_calls = _count_draft_passes(engine)
+    before, verified = len(running.output_ids), engine.generator.num_verify_steps
     engine.step()
-    assert len(newcomer.output_ids) == 1 and len(running.output_ids) == before and not draft_calls
-    engine.planner.add(another)  # arrives at once: still, the decodes run now (its prefill may join)
+    assert len(newcomer.output_ids) == 1 and len(running.output_ids) == before + 1
+    assert not draft_calls and engine.generator.num_verify_steps == verified
     engine.step()
-    assert len(running.output_ids) > before and draft_calls
+    assert draft_calls and engine.generator.num_verify_steps > verified
     # Without speculation nothing changes: prefill and decodes share a step, as before.
     plain = Engine(target, None)
     first = plain.make_request(PROMPTS[1], 30, temperature=0)
@@ -248,3 +282,33 @@ def test_a_new_prompt_is_prefilled_in_a_step_without_drafting(target, partial_dr
     assert len(chunks) == 2
     for c in chunks:
         plain.planner.take_back(c)
+
+
+@pytest.mark.parametrize("yield_at", [1, 2, 3])
+def test_a_preempted_draft_phase_changes_nothing_but_time(target, partial_draft_path, yield_at):
+    """should_yield() True before the yield_at-th draft pass (1 = before the catch-up pass)
+    abandons the step: no token is emitted, the KV pool and every request's state are as before
+    the step (the draft's catch-up on committed tokens is kept), and the run goes on to the
+    target-only text with every slot back in the pool."""
+    reference = Engine(target, None).run([Engine(target, None).make_request(p, 16, temperature=0)
+                                          for p in PROMPTS[:3]])
+    engine = _whole_catch_up(Engine(target, partial_draft_path, k=3))
+    reqs = [engine.make_request(p, 16, temperature=0) for p in PROMPTS[:3]]
+    for r in reqs:
+        engine.planner.add(r)
+    engine.step()  # prefills
+    engine.step()  # one speculative step
+    free = engine.runner.allocator.num_free
+    state = [(list(r.output_ids), list(r.kv_slots)) for r in reqs]
+    calls = _count_draft_passes(engine)
+    engine.generator.should_yield = lambda: len(calls) + 1 >= yield_at
+    assert engine.step() == []
+    assert len(calls) == yield_at - 1 and engine.generator.num_preempted_steps == 1
+    assert engine.runner.allocator.num_free == free
+    assert [(r.output_ids, r.kv_slots) for r in reqs] == state
+    assert all(r.draft_cached <= len(r.kv_slots) for r in reqs)  # never past its cache
+    engine.generator.should_yield = None
+    while engine.planner.has_work():
+        engine.step()
+    assert [r.output_ids for r in reqs] == reference
+    assert engine.runner.allocator.num_free == engine.runner.allocator.num_total

@@ -33,7 +33,6 @@ class BatchPlanner:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_retractions = 0
-        self._last_step_prefill_only = False
 
     # -- queue bookkeeping -------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -62,29 +61,18 @@ class BatchPlanner:
         return bool(self.running or self.waiting)
 
     # -- planning ---------------------------------------------------------------------------
-    def plan(self, extra_slots_per_decode: int = 0, prefill_first: bool = False) -> list[ScheduledChunk]:
+    def plan(self, extra_slots_per_decode: int = 0) -> list[ScheduledChunk]:
         """Admit what fits, give each running request its chunk, allocate slots.
 
         extra_slots_per_decode: additional slots a decoding request may need this step beyond its
         newest token (speculative verification feeds draft tokens too); those are allocated by
         the caller, the planner only keeps that much headroom when admitting.
-
-        prefill_first: when requests are prefilling, run their chunks in a step of their own,
-        without the decodes, at most every other step (so decodes never starve).  Under
-        speculation a decode step carries the draft passes and the verification rows of every
-        running request; a new request whose prefill rode in such a step waited for all of it
-        before its first token (docs/benchmarks.md, "Time to first token under speculation").
-        SGLang schedules prefill batches apart from decode batches by default for the same reason.
         """
         self._admit(extra_slots_per_decode)
         budget = self.max_step_tokens
         chunks: list[ScheduledChunk] = []
         decoding = [r for r in self.running if r.num_uncached == 1]
         prefilling = [r for r in self.running if r.num_uncached > 1]
-        prefill_only = prefill_first and bool(prefilling) and not self._last_step_prefill_only
-        self._last_step_prefill_only = prefill_only
-        if prefill_only:
-            decoding = []
         for req in decoding:
             if req not in self.running:  # retracted while making room for an earlier one
                 continue
@@ -105,11 +93,16 @@ class BatchPlanner:
                 break
             chunks.append(ScheduledChunk(req, pending[:take], needs_logits=take == len(pending)))
             budget -= take
-        if prefill_only and not chunks:
-            # No slot for any prefill chunk (the pool is dry and the decodes may not be
-            # retracted for it): the decodes run instead, or nothing would move.
-            return self.plan(extra_slots_per_decode, prefill_first=False)
         return chunks
+
+    def would_admit(self, num_tokens: int, extra_slots_per_decode: int) -> bool:
+        """Whether a new request of num_tokens prompt tokens would be admitted at the next plan
+        (nothing waits before it, and it fits beside the running requests' headroom)."""
+        if self.waiting or len(self.running) >= self.max_running_requests:
+            return False
+        first_chunk = min(num_tokens, self.max_step_tokens - len(self.running))
+        headroom = len(self.running) * (1 + extra_slots_per_decode)
+        return first_chunk > 0 and self.allocator.num_free >= first_chunk + headroom
 
     def _admit(self, extra_slots_per_decode: int) -> None:
         budget = self.max_step_tokens - len(self.running)

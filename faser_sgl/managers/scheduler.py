@@ -142,6 +142,10 @@ class Scheduler:
                 self.generator.on_early_exit = self.metrics.early_exited_tokens.inc
         self._last_retractions = 0
         self.sockets = sockets
+        self._inbox: list[tuple[object, bool]] = []  # read during a step, handled after it
+        self._preempted_last_step = False
+        if self.speculative and sockets is not None:
+            self.generator.should_yield = self.newcomer_can_start
         self.control = ControlHandler(self)
         self.gracefully_exit = False
         self.stats = {"num_generated_tokens": 0, "num_finished_requests": 0, "num_forward_steps": 0,
@@ -166,14 +170,40 @@ class Scheduler:
     # -- event loop --------------------------------------------------------------------------
     def run_forever(self, parent_pid: int) -> None:
         while not self.gracefully_exit:
-            timeout = 0 if self.planner.has_work() else IDLE_POLL_MS
-            for msg, from_rpc in self.sockets.receive(timeout):
-                self.handle_message(msg, from_rpc)
+            self.receive_messages(0 if self.planner.has_work() else IDLE_POLL_MS)
             if self.planner.has_work():
                 self.step()
             elif not psutil.pid_exists(parent_pid):
                 logger.info("parent process is gone; scheduler exits")
                 return
+
+    def receive_messages(self, timeout_ms: int) -> None:
+        """Handle what a preempted step set aside, then what the sockets hold (waiting up to
+        timeout_ms for the first message when nothing was set aside)."""
+        inbox, self._inbox = self._inbox, []
+        for msg, from_rpc in inbox + self.sockets.receive(0 if inbox else timeout_ms):
+            self.handle_message(msg, from_rpc)
+
+    def newcomer_can_start(self) -> bool:
+        """The speculative generator's yield check between draft passes: has a request arrived
+        that the next plan would admit?  Messages read here are set aside, handled after the
+        step.  The step after a preempted one is never preempted (it cannot starve)."""
+        if self._preempted_last_step:
+            return False
+        received = self.sockets.receive(0)
+        if not received:
+            return False
+        self._inbox.extend(received)
+        from sglang.srt.managers import io_struct
+
+        extra = self.options.speculative_num_draft_tokens
+        for msg, _ in received:
+            items = msg.batch if isinstance(msg, io_struct.BatchTokenizedGenerateReqInput) else [msg]
+            for item in items:
+                if isinstance(item, io_struct.TokenizedGenerateReqInput) and \
+                        self.planner.would_admit(len(item.input_ids or ()), extra):
+                    return True
+        return False
 
     def handle_message(self, msg, from_rpc: bool = False) -> None:
         from sglang.srt.managers import io_struct
@@ -297,11 +327,18 @@ class Scheduler:
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> None:
         chunks = self.planner.plan(extra_slots_per_decode=self.options.speculative_num_draft_tokens
-                                   if self.speculative else 0, prefill_first=self.speculative)
+                                   if self.speculative else 0)
         if not chunks:
             return
         try:
             new_tokens = self.generator.generate(chunks)
+            self._preempted_last_step = new_tokens is None
+            if new_tokens is None:
+                # A newcomer arrived during the draft passes: its prefill goes first, in the next
+                # plan; this step's decodes are planned again beside it.
+                for chunk in chunks:
+                    self.planner.take_back(chunk)
+                return
         except Exception:
             # A failed forward must not take the server down: fail the requests in it and free
             # what they hold; the KV of the failed chunk is not trusted.
@@ -368,6 +405,8 @@ class Scheduler:
             "spec_verify_steps": steps,
             "spec_drafted_tokens": getattr(gen, "num_drafted", 0),
             "spec_accepted_tokens": getattr(gen, "num_accepted", 0),
+            # Steps whose draft passes a newcomer interrupted (its prefill went first).
+            "spec_preempted_steps": getattr(gen, "num_preempted_steps", 0),
             # FASER early exit: rows pruned, exit ratio, per exit layer precision/recall.
             "spec_early_exit": gen.early_exit.stats.as_dict() if getattr(gen, "early_exit", None) else None,
         }

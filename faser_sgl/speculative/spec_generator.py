@@ -11,7 +11,13 @@ One step, for the requests that decode this step:
   5. the slots of rejected drafts go back to the pool (both caches share them);
   6. the emitted tokens are appended up to the request's stop condition, and only what was
      kept counts as accepted.
-Prefill chunks ride along in the same target pass.  The draft model is fed lazily: a request
+Prefill chunks ride along in the same target pass, but a step that carries prefill work drafts
+nothing: its decodes feed only their newest token, so a new prompt's first token never waits for
+draft passes or verification rows (time to first token stays that of plain decoding; the
+decodes still advance one token).  Between draft passes the generator asks ``should_yield``
+(the server: has a request arrived that could start now?); if so it abandons the step's drafts,
+gives back their slots and returns None, and the caller re-plans at once, so a newcomer waits at
+most one draft pass instead of the whole draft-then-verify step.  The draft model is fed lazily: a request
 that drafts nothing this step (or is still in prefill) costs the draft nothing; the first pass of
 its next drafting step feeds everything the draft has not seen, in one ragged pass.  So a policy
 that chooses k = 0 pays nothing for the draft model.  Every forward pass is timed and reported to
@@ -28,7 +34,12 @@ from faser_sgl import kernels
 from faser_sgl.executor.forward_batch import ForwardBatch
 from faser_sgl.managers.batch_planner import ScheduledChunk
 from faser_sgl.managers.request import Request
+from faser_sgl.speculative.adaptive import CostCurve, expected_tokens
 from faser_sgl.speculative.early_exit import Verification
+
+
+class DraftPreempted(Exception):
+    """should_yield() asked the draft phase to stop: the step is abandoned."""
 
 
 class SpeculativeGenerator:
@@ -43,6 +54,8 @@ class SpeculativeGenerator:
         # Token budget of one draft pass, as chunked prefill bounds a target pass: a request the
         # draft lags far behind (a long prompt, a retraction) is caught up over several steps.
         self.max_step_tokens = max_step_tokens
+        # Measured pass costs, to keep a catch-up pass short (_catch_up_budget).
+        self.pass_costs = {"target": CostCurve(0.02, 0.002), "draft": CostCurve(0.01, 0.001)}
         # FASER early exit (speculative/early_exit.EarlyExitVerifier) or None: full-depth passes.
         self.early_exit = early_exit
         self.num_verify_steps = 0
@@ -53,6 +66,9 @@ class SpeculativeGenerator:
         self.on_verify = None
         self.on_draft_lengths = None
         self.on_early_exit = None  # (draft tokens pruned inside this step's verification)
+        # Asked before each draft pass; True abandons the step (see the module docstring).
+        self.should_yield = None
+        self.num_preempted_steps = 0
         self._draft_confidence: dict[int, list[float]] = {}  # per request, this step's drafts
 
     # -- cost calibration --------------------------------------------------------------------
@@ -110,7 +126,7 @@ class SpeculativeGenerator:
         but whose catch-up does not fit this step's draft budget, how many unseen tokens to feed
         the draft model now (they draft on a later step)."""
         wanted = self.policy.choose_lengths(decodes, step_tokens)
-        budget = self.max_step_tokens if self.max_step_tokens is not None else float("inf")
+        budget = self._catch_up_budget(step_tokens)
         lengths, catch_up = [], {}
         for req, k in zip(decodes, wanted):
             # One token always comes from the target, so at most remaining-1 drafts are useful.
@@ -132,18 +148,47 @@ class SpeculativeGenerator:
             lengths.append(k)
         return lengths, catch_up
 
+    MIN_CATCH_UP_TOKENS = 32
+    # Whether decodes draft in a step that carries prefill chunks.  False (serving): the new
+    # prompt's first token waits for no draft pass and no verification row.
+    DRAFT_BESIDE_PREFILL = False
+
+    def _catch_up_budget(self, step_tokens: int) -> int:
+        """Tokens one draft pass may feed to catch the draft model up: as many as it runs in
+        twice the time of this step's plain target pass (measured), a power of two from 32 up
+        to max_step_tokens.  A pass cannot be interrupted, so a request that arrives during a
+        catch-up pass waits for it: on a CPU, where the draft model prefills a prompt at about
+        half the target's cost, one unbounded pass over a new prompt kept newcomers waiting
+        for seconds.  On a GPU the budget is large and a prompt is caught up at once."""
+        cap = self.max_step_tokens if self.max_step_tokens is not None else 1 << 20
+        limit = 2 * self.pass_costs["target"].predict(max(step_tokens, 1))
+        draft = self.pass_costs["draft"]
+        n = self.MIN_CATCH_UP_TOKENS
+        while n * 2 <= cap and draft.predict(n * 2) <= limit:
+            n *= 2
+        return min(n, cap)
+
     # -- one step ----------------------------------------------------------------------------
-    def generate(self, chunks: list[ScheduledChunk]) -> dict[Request, list[int]]:
+    def generate(self, chunks: list[ScheduledChunk]) -> dict[Request, list[int]] | None:
         """Run one step; append each request's new tokens up to its stop condition (stop
-        checker) and return the tokens appended."""
+        checker) and return the tokens appended.  None: should_yield() abandoned the step before
+        its target pass; nothing changed but the draft cache, and the caller takes the chunks'
+        slots back."""
         if not chunks:
             return {}
         decodes = [c.req for c in chunks if c.needs_logits and len(c.tokens) == 1]
-        lengths, catch_up = self._draft_lengths(decodes, sum(len(c.tokens) for c in chunks))
-        if self.on_draft_lengths is not None and lengths:
-            self.on_draft_lengths(lengths)
+        if not self.DRAFT_BESIDE_PREFILL and any(len(c.tokens) > 1 or not c.needs_logits for c in chunks):
+            lengths, catch_up = [0] * len(decodes), {}  # prefill in this step: no drafting
+        else:
+            lengths, catch_up = self._draft_lengths(decodes, sum(len(c.tokens) for c in chunks))
+            if self.on_draft_lengths is not None and lengths:
+                self.on_draft_lengths(lengths)
         k_of = {id(r): k for r, k in zip(decodes, lengths)}
-        drafts, draft_probs, candidates = self._run_draft(decodes, lengths, catch_up)
+        try:
+            drafts, draft_probs, candidates = self._run_draft(decodes, lengths, catch_up)
+        except DraftPreempted:
+            self._abandon_drafts(decodes, lengths)
+            return None
 
         # Target pass: prefill chunks as planned; decodes feed newest token + drafts.
         feeds, slot_lists, rows, verifications = [], [], [], {}
@@ -188,6 +233,9 @@ class SpeculativeGenerator:
                                              draft_probs.get(id(req)), bonus)
             if v is not None:
                 self.early_exit.record_outcome(v, accepted)
+                if hasattr(self.policy, "observe_pruning"):
+                    skipped = 0.0 if v.pruned_at is None else 1.0 - v.pruned_at / self.target.model.num_layers
+                    self.policy.observe_pruning(k, v.verified if v.pruned_at is not None else None, skipped)
             kept = self.stop_checker.append(req, emitted)
             if k > 0:
                 # Roll back: the slots (both caches) of rejected and pruned drafts return to the
@@ -205,14 +253,28 @@ class SpeculativeGenerator:
         # Prefill-only chunks: nothing to emit (the draft sees their tokens when they draft).
         return out
 
+    def _abandon_drafts(self, decodes: list[Request], lengths: list[int]) -> None:
+        """Undo a preempted draft phase: the draft slots go back to the pool, and the draft
+        cache forgets the draft tokens and the newest token, whose slot the caller takes back
+        (what it caught up on of earlier committed tokens stays valid)."""
+        self.num_preempted_steps += 1
+        for req, k in zip(decodes, lengths):
+            self._draft_confidence.pop(id(req), None)
+            if k:
+                self.allocator.free(req.kv_slots[-k:])
+                del req.kv_slots[-k:]
+            req.draft_cached = min(req.draft_cached, len(req.kv_slots) - 1)
+
+    def _yield_point(self) -> None:
+        if self.should_yield is not None and self.should_yield():
+            raise DraftPreempted
+
     def _seconds_per_token(self, chunks, k_of: dict[int, int], num_tokens: int) -> float | None:
         """Predicted seconds of this step's target pass per token it is expected to emit (the
         price of a token that a wrong early-exit prune loses), from early exit's cost model."""
         cost_model = self.early_exit.cost_model
         if cost_model is None:
             return None
-        from faser_sgl.speculative.adaptive import expected_tokens
-
         tokens = sum(expected_tokens(self._accept_rate(c.req), k_of.get(id(c.req), 0))
                      for c in chunks if c.needs_logits)
         return cost_model.target_cost.predict(num_tokens) / max(tokens, 1.0)
@@ -255,6 +317,7 @@ class SpeculativeGenerator:
         # the draft has not seen (its whole prompt after a prefill, a few tokens after steps
         # without drafting, at least its newest token), and its last row gives d_1.  Requests
         # whose lag exceeds the step's budget only feed a chunk of it (their rows are unused).
+        self._yield_point()  # before any draft_cached moves
         feeds, slot_lists = [], []
         for req in step_reqs:
             committed = len(req.kv_slots) - k_of[id(req)]
@@ -272,6 +335,7 @@ class SpeculativeGenerator:
             nxt = [(r, t) for r, t in zip(step_reqs, tokens) if len(drafts[id(r)]) < k_of[id(r)]]
             if not nxt:
                 break
+            self._yield_point()
             feeds = [[t] for _, t in nxt]
             slot_lists = []
             for r, _ in nxt:
@@ -287,7 +351,9 @@ class SpeculativeGenerator:
         logits = forward(*args)
         if logits.is_cuda:
             torch.cuda.synchronize(logits.device)  # kernels are asynchronous: time their end
-        self.policy.observe_forward(model, sum(len(f) for f in feeds), time.perf_counter() - start)
+        seconds, tokens = time.perf_counter() - start, sum(len(f) for f in feeds)
+        self.pass_costs[model].observe(tokens, seconds)
+        self.policy.observe_forward(model, tokens, seconds)
         return logits
 
     def _draft_sample(self, reqs, logits, drafts, probs, cands) -> list[int]:
