@@ -50,11 +50,12 @@ class FaserOptions:
     # does not depend on the draft lengths.
     sampling_scheme: str = "seeded-coupled"
     # FASER early exit inside verification (speculative/early_exit.py): None = on for the faser
-    # policy, off for the others; exit layers ("auto" or "14,21"), the lens threshold, the
-    # draft candidates per token, and the diagnostic mode (full depth, predictions recorded).
+    # policy, off for the others; exit layers ("auto" or "14,21"), the lens threshold (None:
+    # "auto", calibrated online), the draft candidates per token, and the diagnostic mode (full
+    # depth, predictions recorded).
     early_exit: bool | None = None
     exit_layers: str = "auto"
-    exit_threshold: float = 0.0
+    exit_threshold: float | None = None
     exit_draft_prob: float = 0.5
     exit_candidates: int = 8
     exit_diagnostic: bool = False
@@ -125,12 +126,14 @@ class FaserOptions:
         group.add_argument("--faser-exit-layers", default=FaserOptions.exit_layers,
                            help="layers after which verification may prune: 'auto' (1/2 and 3/4 of "
                                 "the depth) or comma-separated layer counts")
-        group.add_argument("--faser-exit-threshold", type=float, default=FaserOptions.exit_threshold,
-                           help="prune draft token d when a draft alternative's intermediate "
-                                "(logit-lens) logit beats d's by more than this; lower prunes more")
+        group.add_argument("--faser-exit-threshold", default="auto",
+                           help="'auto' (default): prune by the chance of a rejection that the exit "
+                                "predictor's scores had so far, calibrated online on full-depth verdicts; "
+                                "a number: prune draft token d when a draft alternative's intermediate "
+                                "(logit-lens) logit beats d's by more than it (lower prunes more)")
         group.add_argument("--faser-exit-draft-prob", type=float, default=FaserOptions.exit_draft_prob,
-                           help="... and only when the draft model gave d less than this probability "
-                                "(1.0: whatever the draft's confidence)")
+                           help="with a numeric --faser-exit-threshold, prune only when the draft model "
+                                "gave d less than this probability (1.0: whatever the draft's confidence)")
         group.add_argument("--faser-exit-candidates", type=int, default=FaserOptions.exit_candidates,
                            help="draft alternatives per draft token that the exit predictor compares")
         group.add_argument("--faser-exit-diagnostic", action="store_true",
@@ -150,6 +153,12 @@ class FaserOptions:
         layers = args.faser_exit_layers
         if layers.strip() != "auto" and not all(x.strip().isdigit() for x in layers.split(",")):
             raise SystemExit(f"--faser-exit-layers must be 'auto' or comma-separated layer counts, got {layers!r}")
+        from faser_sgl.speculative.early_exit import parse_exit_threshold
+
+        try:
+            threshold = parse_exit_threshold(args.faser_exit_threshold)
+        except ValueError as exc:
+            raise SystemExit(f"--faser-exit-threshold: {exc}") from None
         profile = args.speculative_cost_profile
         if profile is not None:
             if args.speculative_policy not in ("adaptive", "faser"):
@@ -182,7 +191,7 @@ class FaserOptions:
             sampling_scheme=args.faser_sampling_scheme,
             early_exit=args.faser_early_exit,
             exit_layers=layers,
-            exit_threshold=args.faser_exit_threshold,
+            exit_threshold=threshold,
             exit_draft_prob=args.faser_exit_draft_prob,
             exit_candidates=args.faser_exit_candidates,
             exit_diagnostic=args.faser_exit_diagnostic,

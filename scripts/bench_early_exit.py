@@ -71,8 +71,10 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--layers", default="4,7,10,14,18,21,24,26")
     ap.add_argument("--thresholds", type=float, nargs="+", default=[-1, 0, 1, 2, 4, 8])
-    ap.add_argument("--live", nargs="*", default=["14,21:0:0.5", "14,21:0:0.5:cost", "24:0:1.0"],
+    ap.add_argument("--live", nargs="*", default=["14,21:0:0.5", "14,21:0:0.5:cost", "14,21:auto:0.5",
+                                                  "14,21:auto:0.5:cost", "24:0:1.0"],
                     help="live settings LAYERS:THRESHOLD:DRAFT_PROB[:cost] (layers comma-separated; "
+                         "THRESHOLD a number or auto (online calibration, DRAFT_PROB unused); "
                          "cost: prune only where the calibrated cost model says it pays)")
     ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 4])
     ap.add_argument("--records-out", default=None, help="write the diagnostic records here (JSON)")
@@ -140,7 +142,7 @@ def main() -> None:
                     gen.policy = cost_model
                     gen.calibrate()
                     gen.policy = fixed
-                gen.early_exit = early_exit.make_early_exit(engine.runner, layers, float(threshold),
+                gen.early_exit = early_exit.make_early_exit(engine.runner, layers, threshold,
                                                             draft_prob=float(draft_prob), cost_model=cost_model)
             predictor_s = [0.0]
             if gen.early_exit is not None:

@@ -303,3 +303,19 @@ def test_cost_profile_option_is_only_for_the_adaptive_policy():
                  "--speculative-cost-profile", GPU_PROFILE)
     with pytest.raises(ValueError, match="only used by --speculative-policy adaptive"):
         make_policy("fixed", 4, GPU_PROFILE)
+
+
+def test_early_exit_savings_make_draft_rows_cheaper():
+    """Rows that cost nearly a whole pass: a request drafts nothing.  Once early exit is seen to
+    prune most draft rows early, the same rows are priced lower and it drafts; when pruning
+    stops, the price comes back."""
+    policy = make_policy("faser", 4, "target=1+10,draft=1+0.1")
+    req = make_req("a")
+    assert policy.choose_lengths([req], 1) == [0]
+    for _ in range(200):
+        policy.observe_pruning(4, 1, 0.9)  # every row of d_1.. skipped 90% of the layers
+    assert policy.row_cost(1) == pytest.approx(0.1, abs=1e-3)
+    assert policy.choose_lengths([req], 1)[0] > 0
+    for _ in range(400):
+        policy.observe_pruning(4, None, 0.0)
+    assert policy.choose_lengths([req], 1) == [0]

@@ -112,6 +112,28 @@ def test_diagnostic_mode_prunes_nothing_and_labels_predictions(target, partial_d
     assert engine.generator.num_drafted == stats["draft_rows"]
 
 
+def test_auto_calibration_learns_rates_per_score_cell():
+    cal = early_exit.RejectionCalibration()
+    prior = early_exit.RejectionCalibration.PRIOR_RATE
+    assert cal.p_right(14, -3.0, 0.1, 1) == pytest.approx(prior)
+    for _ in range(200):
+        cal.observe(14, -3.0, 0.1, 1, True)  # unsure draft, lens against it: rejected
+        cal.observe(14, 1.0, 0.95, 1, False)  # sure draft, lens agrees: accepted
+    assert cal.p_right(14, -3.0, 0.1, 1) > 0.95
+    assert cal.p_right(14, 1.0, 0.95, 1) < 0.05
+    # A cell without labels says what its layer says (half of the prunes right here)...
+    assert cal.p_right(14, -1.0, 0.5, 2) == pytest.approx(0.5, abs=0.02)
+    # ... and another layer knows nothing yet.
+    assert cal.p_right(21, -3.0, 0.1, 1) == pytest.approx(prior)
+
+
+def test_exit_threshold_parsing():
+    assert early_exit.parse_exit_threshold("auto") is None
+    assert early_exit.parse_exit_threshold("-1.5") == -1.5
+    with pytest.raises(ValueError, match="'auto' or a number"):
+        early_exit.parse_exit_threshold("high")
+
+
 def test_bad_exit_layers_are_refused():
     with pytest.raises(ValueError, match="1..2"):
         early_exit.parse_exit_layers("3", 3)
@@ -127,8 +149,9 @@ def make_exit_engine(tiny_model_factory):
     target = tiny_model_factory("llama", seed=0)
     draft = tiny_model_factory(**NOISY_DRAFT)
 
-    def make(threshold, scheme="rejection"):
+    def make(threshold, scheme="rejection", policy="fixed", cost_profile=None):
         return lambda: Engine(target, draft, k=2, max_running=250, sampling_scheme=scheme, early_exit=True,
+                              policy=policy, cost_profile=cost_profile,
                               exit_options={"layers": "1", "threshold": threshold, "draft_prob": LENS_ONLY})
     return make
 
@@ -139,6 +162,34 @@ def test_rejection_sampling_keeps_the_target_law(make_exit_engine, threshold):
     check = first_verification_check(make)
     assert check.pvalue_first > 1e-3, check
     assert check.pvalue > 1e-3, check
+
+
+# A pass of 250 requests costs mostly its fixed part, so the faser policy drafts.
+FASER_PROFILE = "target=3000+5,draft=10+0.1"
+
+
+@pytest.mark.parametrize("sure", [False, True], ids=["calibrated", "overconfident"])
+def test_faser_policy_with_auto_threshold_keeps_the_target_law(make_exit_engine, sure):
+    """The whole `faser` policy: per-request lengths, the auto threshold calibrated online, and
+    pruning decided by the cost model, under rejection sampling.  Overconfident: the calibration
+    claims every prune is right with chance 0.99 (about half are wrong here), so the cost model
+    prunes nearly every draft at the first exit; the law must not notice."""
+    make = make_exit_engine(None, policy="faser", cost_profile=FASER_PROFILE)
+    engines = []
+
+    def build():
+        engine = make()
+        if sure:
+            engine.generator.early_exit.calibration.p_right = lambda *score: 0.99
+        engines.append(engine)
+        return engine
+    check = first_verification_check(build)
+    assert check.pvalue_first > 1e-3, check
+    assert check.pvalue > 1e-3, check
+    stats = engines[0].generator.early_exit.stats.as_dict()
+    assert engines[0].generator.num_drafted > 0
+    if sure:
+        assert stats["rows_pruned"] > 0.5 * stats["draft_rows"], stats
 
 
 def test_coupled_sampling_keeps_the_target_law(make_exit_engine):
@@ -213,6 +264,9 @@ def test_early_exit_options():
     fixed = _options("--speculative-policy", "fixed", "--speculative-draft-model-path", "/d", "--faser-early-exit",
                      "--faser-exit-layers", "10,20", "--faser-exit-threshold", "1.5")
     assert fixed.early_exit_on and fixed.exit_layers == "10,20" and fixed.exit_threshold == 1.5
+    assert faser.exit_threshold is None  # auto
+    with pytest.raises(SystemExit, match="faser-exit-threshold"):
+        _options("--speculative-policy", "faser", "--speculative-draft-model-path", "/d", "--faser-exit-threshold", "x")
     with pytest.raises(SystemExit, match="needs a speculative policy"):
         _options("--faser-early-exit")
     with pytest.raises(SystemExit, match="faser-exit-layers"):

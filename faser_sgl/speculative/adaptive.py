@@ -147,6 +147,10 @@ class AdaptiveLength:
             ((0.02, 0.002), (0.01, 0.001))
         self.target_cost = CostCurve(*target)
         self.draft_cost = CostCurve(*draft)
+        # Early exit (faser): the mean share of a draft row's target cost that pruning saved, by
+        # the row's draft position 1..max_k.  A row that is often pruned early costs less to
+        # verify, so the plan prices it lower (all zero without early exit).
+        self.row_saving = [0.0] * (self.max_k + 2)
 
     # -- feedback ------------------------------------------------------------------------------
     def accept_rate(self, req: Request) -> float:
@@ -159,6 +163,19 @@ class AdaptiveLength:
         # failure unless all were accepted.
         tested = num_accepted + (1 if num_accepted < num_drafted else 0)
         req.spec_accept_stats = (successes * self.DECAY + num_accepted, trials * self.DECAY + tested)
+
+    PRUNE_SMOOTHING = 0.05
+
+    def observe_pruning(self, num_drafts: int, pruned_from: int | None, layers_skipped: float) -> None:
+        """One verification under early exit: rows of drafts pruned_from..num_drafts skipped
+        ``layers_skipped`` (a share of the depth); None: nothing was pruned."""
+        for s in range(1, min(num_drafts, self.max_k) + 1):
+            saved = layers_skipped if pruned_from is not None and s >= pruned_from else 0.0
+            self.row_saving[s] += self.PRUNE_SMOOTHING * (saved - self.row_saving[s])
+
+    def row_cost(self, position: int) -> float:
+        """Target rows a draft token at this position costs, net of early exit's savings."""
+        return 1.0 - self.row_saving[position]
 
     def observe_forward(self, model: str, num_tokens: int, seconds: float) -> None:
         if self.pinned:
@@ -239,13 +256,14 @@ class _StepPlan:
     def reset(self, lengths: list[int]) -> None:
         self.lengths = list(lengths)
         self.tokens = sum(expected_tokens(a, k) for a, k in zip(self.rates, lengths))
-        self.target_tokens = self.step_tokens + sum(lengths)
+        cost = self.policy.row_cost
+        self.target_tokens = self.step_tokens + sum(cost(s) for k in lengths for s in range(1, k + 1))
         # rows[s]: requests taking part in draft pass s (those with k > s).
         self.rows = [sum(k > s for k in lengths) for s in range(self.policy.max_k)]
         self.extra_s = sum(self._catch_up_of(i, k) for i, k in enumerate(lengths))
         self.goodput = self._goodput(self.tokens, self.target_tokens, self.rows, self.extra_s)
 
-    def _goodput(self, tokens: float, target_tokens: int, rows: list[int], extra_s: float) -> float:
+    def _goodput(self, tokens: float, target_tokens: float, rows: list[int], extra_s: float) -> float:
         seconds = self.policy.target_cost.predict(target_tokens) + extra_s
         seconds += sum(self.policy.draft_cost.predict(n) for n in rows if n)
         return tokens / max(seconds, 1e-9)
@@ -254,15 +272,16 @@ class _StepPlan:
         self.reset(lengths)
         return self.goodput
 
-    def _changed(self, i: int, step: int) -> tuple[float, int, list[int], float]:
+    def _changed(self, i: int, step: int) -> tuple[float, float, list[int], float]:
         k = self.lengths[i]
         rows = list(self.rows)
         extra_s = self.extra_s - self._catch_up_of(i, k) + self._catch_up_of(i, k + step)
+        cost = self.policy.row_cost
         if step > 0:
             rows[k] += 1
-            return self.tokens + self.rates[i] ** (k + 1), self.target_tokens + 1, rows, extra_s
+            return self.tokens + self.rates[i] ** (k + 1), self.target_tokens + cost(k + 1), rows, extra_s
         rows[k - 1] -= 1
-        return self.tokens - self.rates[i] ** k, self.target_tokens - 1, rows, extra_s
+        return self.tokens - self.rates[i] ** k, self.target_tokens - cost(k), rows, extra_s
 
     def gain_of(self, i: int, step: int) -> float:
         """How much goodput changing request i's length by ``step`` adds (relative)."""

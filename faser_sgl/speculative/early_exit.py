@@ -18,9 +18,12 @@ output distribution.  For greedy and coupled sampling the two rules emit the sam
 The predictor (LensPredictor): a restricted logit lens, gated by the draft's own confidence.
 The intermediate hidden state of the row that predicts d_j goes through the final norm and is
 multiplied by the LM-head rows of a few candidates only: d_j and the draft model's own top
-alternatives at that position.  d_j is predicted rejected when the best alternative's lens
-logit beats d_j's by more than the threshold and the draft gave d_j less than ``draft_prob``.
-Its cost is a norm and a [rows x candidates x hidden] product, nothing like a full LM head.
+alternatives at that position.  Two ways to turn its margin (d_j's lens logit minus the best
+alternative's) and the draft's probability of d_j into a verdict: with ``--faser-exit-threshold
+auto`` (the default) a calibration learnt online from the pass's own full-depth verdicts gives
+the chance that a prune at d_j is right (``RejectionCalibration``); with a number, d_j is
+predicted rejected when the margin is below minus that number and the draft gave d_j less than
+``draft_prob``.  Its cost is a norm and a [rows x candidates x hidden] product, nothing like a full LM head.
 Measured on the embedded pair (docs/benchmarks.md, scripts/bench_early_exit.py), the lens alone
 barely beats the base rate of rejections at any layer of the 1.5B target; the draft's
 probability carries most of the signal, and the two together reach precision ~0.7.
@@ -30,7 +33,10 @@ Whether a predicted rejection is pruned is then a cost decision when the policy 
 share of the remaining layers, priced on the target's measured cost curve at this pass's size,
 and risks, if d_j is in fact accepted, the tokens those rows would have emitted (expected from
 the request's acceptance rate), priced at the step's seconds per token; the chance of that is
-one minus the exit layer's precision so far.  On a CPU at small batch rows are cheap and little
+one minus the calibrated chance (auto; every draft position is a candidate and the best net
+saving wins) or one minus the exit layer's precision so far (a fixed threshold; the first
+predicted rejection is the candidate).  Without a cost model (fixed K) the first predicted
+rejection is pruned.  On a CPU at small batch rows are cheap and little
 is pruned; in a big, compute-bound pass rows cost and predicted rejections are pruned.
 
 Pruned positions' full-depth verdict of d_j is known after the pass, so every prune is labelled
@@ -47,8 +53,18 @@ import torch
 from faser_sgl.executor.forward_batch import ForwardBatch
 
 DEFAULT_CANDIDATES = 8
-DEFAULT_THRESHOLD = 0.0
+DEFAULT_THRESHOLD = None  # "auto": calibrated online (RejectionCalibration), no fixed threshold
 DEFAULT_DRAFT_PROB = 0.5
+
+
+def parse_exit_threshold(text) -> float | None:
+    """``auto`` (None: online calibration) or a lens margin threshold (a float)."""
+    if text is None or str(text).strip() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"the exit threshold must be 'auto' or a number, got {text!r}") from None
 
 
 def parse_exit_layers(text: str, num_layers: int) -> list[int]:
@@ -72,7 +88,9 @@ def parse_exit_layers(text: str, num_layers: int) -> list[int]:
 @dataclass
 class ExitConfig:
     layers: list[int]
-    threshold: float = DEFAULT_THRESHOLD  # prune when an alternative beats d_j by more than this
+    # Prune when an alternative beats d_j by more than this (and the draft prob gate holds);
+    # None ("auto"): prune by the calibrated rejection probability instead.
+    threshold: float | None = DEFAULT_THRESHOLD
     draft_prob: float = DEFAULT_DRAFT_PROB  # ... and the draft gave d_j less than this (1.0: any)
     num_candidates: int = DEFAULT_CANDIDATES
     diagnostic: bool = False  # full depth always; only record what would have been pruned
@@ -112,13 +130,48 @@ class ExitStats:
                 "layers": {e: s.as_dict() for e, s in sorted(self.layers.items())}}
 
 
+class RejectionCalibration:
+    """P(a prune at d_j is right | exit layer, draft prob, lens margin, j), learnt online.
+
+    Every draft token verified at full depth labels its scores for free: a prune at d_j would
+    have been right iff j > accepted.  The scores are binned (draft probability in fifths, the
+    lens margin in three ranges, j as 1, 2, 3+), and each cell's rate has a Beta prior centred
+    on its layer's overall rate, so a cell with few labels says what the layer says.  This is
+    the ``auto`` threshold: no constant to tune per model pair, and on a pair where the signal
+    is weak the rates stay near the base rate and nothing is pruned."""
+
+    PRIOR_RATE, PRIOR_WEIGHT = 0.3, 4.0
+    PROB_EDGES = (0.2, 0.4, 0.6, 0.8)
+    MARGIN_EDGES = (-2.0, 0.0)
+
+    def __init__(self):
+        self.cells: dict[tuple, list[float]] = {}  # key -> [right, labelled]
+        self.layers: dict[int, list[float]] = {}
+
+    def _key(self, layer: int, margin: float, prob: float | None, j: int) -> tuple:
+        prob_bin = sum(prob >= e for e in self.PROB_EDGES) if prob is not None else -1
+        return layer, prob_bin, sum(margin >= e for e in self.MARGIN_EDGES), min(j, 3)
+
+    def p_right(self, layer: int, margin: float, prob: float | None, j: int) -> float:
+        right, n = self.layers.get(layer, (0.0, 0.0))
+        w = self.PRIOR_WEIGHT
+        base = (right + self.PRIOR_RATE * w) / (n + w)
+        right, n = self.cells.get(self._key(layer, margin, prob, j), (0.0, 0.0))
+        return (right + base * w) / (n + w)
+
+    def observe(self, layer: int, margin: float, prob: float | None, j: int, right: bool) -> None:
+        for table, key in ((self.cells, self._key(layer, margin, prob, j)), (self.layers, layer)):
+            counts = table.setdefault(key, [0.0, 0.0])
+            counts[0] += right
+            counts[1] += 1
+
+
 class LensPredictor:
     """Restricted logit lens over the draft's candidates (see the module docstring)."""
 
-    def __init__(self, model, threshold: float):
+    def __init__(self, model):
         self.norm = model.model.norm
         self.weight = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-        self.threshold = threshold
 
     def margins(self, hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """hidden [n, H] rows that predict the scored tokens; candidates [n, C] with the scored
@@ -132,8 +185,6 @@ class LensPredictor:
             return torch.full((hidden.shape[0],), float("inf"), device=hidden.device)
         return logits[:, 0] - others.max(dim=1).values
 
-    def predict_rejected(self, hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        return self.margins(hidden, candidates) < -self.threshold
 
 
 @dataclass
@@ -144,6 +195,7 @@ class Verification:
     candidates: torch.Tensor  # [k, C] per draft token, the token itself in column 0
     verified: int = -1  # drafts verified at full depth (k unless pruned)
     bonus: bool = True  # whether the last row (the bonus token) survived
+    pruned_at: int | None = None  # the exit layer after which its last rows left the pass
     predicted_at: dict[int, list[bool]] = field(default_factory=dict)  # flags per exit layer
     margins_at: dict[int, list[float]] = field(default_factory=dict)  # lens margins per exit layer
     draft_probs: list[float] | None = None  # the draft's probability of each of its tokens
@@ -168,7 +220,8 @@ class EarlyExitVerifier:
         has): predicted rejections are pruned only where that pays; None: always."""
         self.runner = runner
         self.config = config
-        self.predictor = predictor or LensPredictor(runner.model, config.threshold)
+        self.predictor = predictor or LensPredictor(runner.model)
+        self.calibration = RejectionCalibration() if config.threshold is None else None
         self.cost_model = cost_model
         self._seconds_per_token = None
         self.stats = ExitStats()
@@ -224,32 +277,32 @@ class EarlyExitVerifier:
         if not rows:
             return None
         device = hidden.device
-        margins = self.predictor.margins(hidden[torch.tensor(rows, device=device)], torch.cat(cands).to(device))
-        confident = torch.tensor([p for v, n in owners for p in (v.draft_probs or [0.0] * n)[:n]],
-                                 device=margins.device) >= self.config.draft_prob
-        predicted = ((margins < -self.predictor.threshold) & ~confident).tolist()
-        margins = margins.tolist()
+        margins = self.predictor.margins(hidden[torch.tensor(rows, device=device)],
+                                         torch.cat(cands).to(device)).tolist()
+        probs = [p for v, n in owners for p in (v.draft_probs or [None] * n)[:n]]
         total_rows = batch.num_tokens
         stats = self.stats.layer(layer)
         new_q = [qo[i + 1] - qo[i] for i in range(len(qo) - 1)]
         changed = False
         offset = 0
         for v, scored in owners:
-            flags = predicted[offset: offset + scored]
+            m, p = margins[offset: offset + scored], probs[offset: offset + scored]
             offset += scored
+            right = self._p_right(layer, m, p)
+            flags = [r >= 0.5 for r in right] if self.calibration is not None else \
+                [mj < -self.config.threshold and (pj or 0.0) < self.config.draft_prob for mj, pj in zip(m, p)]
             stats.scored += scored
-            v.predicted_at[layer] = flags
-            v.margins_at[layer] = margins[offset - scored: offset]
-            if self.config.diagnostic or not any(flags):
+            v.predicted_at[layer], v.margins_at[layer] = flags, m
+            if self.config.diagnostic:
                 continue
-            j = flags.index(True) + 1  # first predicted rejection: d_j
+            j = self._choose_prune(layer, v, flags, right, total_rows)
+            if j is None:
+                continue
             drop = v.rows - j  # rows of d_j .. d_k (and the bonus row)
-            if not self._prune_pays(layer, v, drop, total_rows):
-                continue
             total_rows -= drop
             stats.rows_pruned += drop
             self.stats.layer_rows_saved += drop * (self.runner.model.num_layers - layer)
-            v.verified, v.bonus = j, False
+            v.verified, v.bonus, v.pruned_at = j, False, layer
             new_q[v.index] -= drop
             changed = True
         if not changed:
@@ -257,21 +310,42 @@ class EarlyExitVerifier:
         keep = [r for i in range(len(qo) - 1) for r in range(qo[i], qo[i] + new_q[i])]
         return torch.tensor(keep, device=device), new_q
 
-    def _prune_pays(self, layer: int, v: Verification, drop: int, total_rows: int) -> bool:
-        """Whether dropping ``drop`` rows of ``v`` after ``layer`` saves more time than it
-        risks (see the module docstring).  Without a cost model: always."""
+    def _p_right(self, layer: int, margins: list[float], probs: list) -> list[float]:
+        """Per scored d_j, the chance that a prune there is right: calibrated per score (auto),
+        else the exit layer's precision so far (one figure for every flagged token)."""
+        if self.calibration is not None:
+            return [self.calibration.p_right(layer, m, p, j)
+                    for j, (m, p) in enumerate(zip(margins, probs), start=1)]
+        stats = self.stats.layer(layer)
+        return [(stats.predicted_right + 1) / (stats.predicted + 2)] * len(margins)  # Beta(1, 1)
+
+    def _choose_prune(self, layer: int, v: Verification, flags: list[bool], right: list[float],
+                      total_rows: int) -> int | None:
+        """The draft position j to prune v at after ``layer``, or None.  Without a cost model:
+        the first predicted rejection.  With one: among the predicted rejections (auto: every
+        position), the one whose expected saving is largest, if positive (module docstring)."""
         if self.cost_model is None or self._seconds_per_token is None:
-            return True
+            return flags.index(True) + 1 if any(flags) else None
+        positions = range(1, len(flags) + 1) if self.calibration is not None else \
+            [flags.index(True) + 1] if any(flags) else []
+        best, best_net = None, 0.0
+        for j in positions:
+            net = self._net_saving(layer, v, v.rows - j, total_rows, 1.0 - right[j - 1])
+            if net > best_net:
+                best, best_net = j, net
+        return best
+
+    def _net_saving(self, layer: int, v: Verification, drop: int, total_rows: int, wrong: float) -> float:
+        """Seconds that dropping ``drop`` rows of ``v`` after ``layer`` saves, minus what it
+        risks: with chance ``wrong`` the pruned d_j would have been accepted, and the dropped
+        rows would have emitted 1 + a + ... tokens, each worth the step's seconds per token."""
         from faser_sgl.speculative.adaptive import expected_tokens
 
         curve = self.cost_model.target_cost
         layers_left = (self.runner.model.num_layers - layer) / self.runner.model.num_layers
         saved_s = (curve.predict(total_rows) - curve.predict(total_rows - drop)) * layers_left
-        stats = self.stats.layer(layer)
-        wrong = 1.0 - (stats.predicted_right + 1) / (stats.predicted + 2)  # Beta(1, 1) prior
-        # If d_j is accepted after all, the dropped rows would have emitted 1 + a + ... tokens.
         lost_s = wrong * expected_tokens(v.accept_rate, drop - 1) * self._seconds_per_token
-        return saved_s > lost_s
+        return saved_s - lost_s
 
     def record_outcome(self, v: Verification, accepted: int) -> None:
         """Label this pass's predictions with the full-depth verdicts: d_j was rejected iff
@@ -285,6 +359,9 @@ class EarlyExitVerifier:
                 if flag:
                     stats.predicted += 1
                     stats.predicted_right += j > accepted
+                if self.calibration is not None:
+                    prob = v.draft_probs[j - 1] if v.draft_probs else None
+                    self.calibration.observe(layer, v.margins_at[layer][j - 1], prob, j, j > accepted)
                 if j == first_rejected:
                     stats.first_rejections += 1
                     stats.first_rejections_caught += flag
@@ -294,13 +371,13 @@ class EarlyExitVerifier:
                                          j == first_rejected))
 
 
-def make_early_exit(runner, layers: str = "auto", threshold: float = DEFAULT_THRESHOLD,
+def make_early_exit(runner, layers: str = "auto", threshold: float | str | None = DEFAULT_THRESHOLD,
                     candidates: int = DEFAULT_CANDIDATES, diagnostic: bool = False,
                     draft_prob: float = DEFAULT_DRAFT_PROB, cost_model=None) -> EarlyExitVerifier:
     """The verifier for a target runner, from the server's --faser-exit-* options.
     ``cost_model``: the policy, when it has a target cost curve (prunes only where it pays)."""
-    config = ExitConfig(parse_exit_layers(layers, runner.model.num_layers), threshold, draft_prob,
-                        candidates, diagnostic)
+    config = ExitConfig(parse_exit_layers(layers, runner.model.num_layers), parse_exit_threshold(threshold),
+                        draft_prob, candidates, diagnostic)
     if cost_model is not None and not hasattr(cost_model, "target_cost"):
         cost_model = None
     return EarlyExitVerifier(runner, config, cost_model=cost_model)
