@@ -23,7 +23,8 @@ alternative's) and the draft's probability of d_j into a verdict: with ``--faser
 auto`` (the default) a calibration learnt online from the pass's own full-depth verdicts gives
 the chance that a prune at d_j is right (``RejectionCalibration``); with a number, d_j is
 predicted rejected when the margin is below minus that number and the draft gave d_j less than
-``draft_prob``.  Its cost is a norm and a [rows x candidates x hidden] product, nothing like a full LM head.
+``draft_prob``.  Its cost is a norm and a [rows x candidates x hidden] product, nothing like a
+full LM head.
 Measured on the embedded pair (docs/benchmarks.md, scripts/bench_early_exit.py), the lens alone
 barely beats the base rate of rejections at any layer of the 1.5B target; the draft's
 probability carries most of the signal, and the two together reach precision ~0.7.
@@ -36,8 +37,7 @@ the request's acceptance rate), priced at the step's seconds per token; the chan
 one minus the calibrated chance (auto; every draft position is a candidate and the best net
 saving wins) or one minus the exit layer's precision so far (a fixed threshold; the first
 predicted rejection is the candidate).  Without a cost model (fixed K) the first predicted
-rejection is pruned.  On a CPU at small batch rows are cheap and little
-is pruned; in a big, compute-bound pass rows cost and predicted rejections are pruned.
+rejection is pruned.  On a CPU at small batch rows are cheap and little is pruned; in a big, compute-bound pass rows cost and predicted rejections are pruned.
 
 Pruned positions' full-depth verdict of d_j is known after the pass, so every prune is labelled
 right or wrong for free (``ExitStats``); a diagnostic mode runs full depth and only records what
@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 import torch
 
 from faser_sgl.executor.forward_batch import ForwardBatch
+from faser_sgl.speculative.adaptive import expected_tokens
 
 DEFAULT_CANDIDATES = 8
 DEFAULT_THRESHOLD = None  # "auto": calibrated online (RejectionCalibration), no fixed threshold
@@ -184,7 +185,6 @@ class LensPredictor:
         if others.shape[1] == 0:
             return torch.full((hidden.shape[0],), float("inf"), device=hidden.device)
         return logits[:, 0] - others.max(dim=1).values
-
 
 
 @dataclass
@@ -339,8 +339,6 @@ class EarlyExitVerifier:
         """Seconds that dropping ``drop`` rows of ``v`` after ``layer`` saves, minus what it
         risks: with chance ``wrong`` the pruned d_j would have been accepted, and the dropped
         rows would have emitted 1 + a + ... tokens, each worth the step's seconds per token."""
-        from faser_sgl.speculative.adaptive import expected_tokens
-
         curve = self.cost_model.target_cost
         layers_left = (self.runner.model.num_layers - layer) / self.runner.model.num_layers
         saved_s = (curve.predict(total_rows) - curve.predict(total_rows - drop)) * layers_left
@@ -359,14 +357,13 @@ class EarlyExitVerifier:
                 if flag:
                     stats.predicted += 1
                     stats.predicted_right += j > accepted
+                prob = v.draft_probs[j - 1] if v.draft_probs else None
                 if self.calibration is not None:
-                    prob = v.draft_probs[j - 1] if v.draft_probs else None
                     self.calibration.observe(layer, v.margins_at[layer][j - 1], prob, j, j > accepted)
                 if j == first_rejected:
                     stats.first_rejections += 1
                     stats.first_rejections_caught += flag
                 if self.config.diagnostic:
-                    prob = v.draft_probs[j - 1] if v.draft_probs else None
                     self.records.append((layer, j, v.margins_at[layer][j - 1], prob, j > accepted,
                                          j == first_rejected))
 

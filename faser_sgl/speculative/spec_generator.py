@@ -17,10 +17,11 @@ draft passes or verification rows (time to first token stays that of plain decod
 decodes still advance one token).  Between draft passes the generator asks ``should_yield``
 (the server: has a request arrived that could start now?); if so it abandons the step's drafts,
 gives back their slots and returns None, and the caller re-plans at once, so a newcomer waits at
-most one draft pass instead of the whole draft-then-verify step.  The draft model is fed lazily: a request
-that drafts nothing this step (or is still in prefill) costs the draft nothing; the first pass of
-its next drafting step feeds everything the draft has not seen, in one ragged pass.  So a policy
-that chooses k = 0 pays nothing for the draft model.  Every forward pass is timed and reported to
+most one draft pass instead of the whole draft-then-verify step.  The draft model is fed lazily:
+a request that drafts nothing this step (or is still in prefill) costs the draft nothing; the
+first pass of its next drafting step feeds what the draft has not seen, in one ragged pass
+bounded in time (``_catch_up_budget``).  So a policy that chooses k = 0 pays nothing for the
+draft model.  Every forward pass is timed and reported to
 the policy (cost-aware policies fit their cost model to it).
 """
 
@@ -177,7 +178,8 @@ class SpeculativeGenerator:
         if not chunks:
             return {}
         decodes = [c.req for c in chunks if c.needs_logits and len(c.tokens) == 1]
-        if not self.DRAFT_BESIDE_PREFILL and any(len(c.tokens) > 1 or not c.needs_logits for c in chunks):
+        prefilling = any(len(c.tokens) > 1 or not c.needs_logits for c in chunks)
+        if prefilling and not self.DRAFT_BESIDE_PREFILL:
             lengths, catch_up = [0] * len(decodes), {}  # prefill in this step: no drafting
         else:
             lengths, catch_up = self._draft_lengths(decodes, sum(len(c.tokens) for c in chunks))
