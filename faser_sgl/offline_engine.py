@@ -31,12 +31,15 @@ class OfflineEngine:
                  max_running: int = 256, max_step_tokens: int = 4096, eos_token_ids=(),
                  tokenizer=None, sampling_scheme: str = "rejection", cost_profile: str | None = None,
                  device: str = "cpu", attention_backend: str = "torch", cpu_linear: str = "auto",
-                 early_exit: bool | None = None, exit_options: dict | None = None):
+                 early_exit: bool | None = None, exit_options: dict | None = None,
+                 frontier_size: int | None = 0, pipeline_split: int | None = None):
         """tokenizer: enables stop strings (make_request(stop=...)); sampling_scheme: how sampled
         requests draw, see faser_sgl.managers.request.uses_coupled_sampling.  early_exit: FASER's
         early exit in verification (None: on for the faser policy only); exit_options: keyword
         arguments of speculative.early_exit.make_early_exit (layers, threshold, candidates,
-        diagnostic)."""
+        diagnostic).  frontier_size / pipeline_split: FASER's frontier pipeline, as
+        --faser-frontier-size / --faser-pipeline-split (0: serial steps, the default here;
+        None: chosen per step)."""
         # kv_slots=None sizes the pool from mem_fraction of available memory, as the server does
         # without --max-total-tokens; with a draft, one budget covers both models' pools.
         self.speculative = draft_path is not None and policy != "none"
@@ -57,17 +60,16 @@ class OfflineEngine:
         self.num_draft_tokens = num_draft_tokens
         if self.speculative:
             from faser_sgl.speculative.draft_worker import DraftWorker
-            from faser_sgl.speculative.spec_generator import SpeculativeGenerator
-
             from faser_sgl.speculative.early_exit import make_early_exit
+            from faser_sgl.speculative.frontier import make_generator
 
             draft = DraftWorker(draft_runner, self.runner)
             use_exit = policy == "faser" if early_exit is None else early_exit
-            self.generator = SpeculativeGenerator(
+            self.generator = make_generator(
                 self.runner, draft, self.sampler, self.policy, self.runner.allocator, self.stop_checker,
                 max_step_tokens,
-                early_exit=make_early_exit(self.runner, **{"cost_model": self.policy, **(exit_options or {})})
-                if use_exit else None)
+                make_early_exit(self.runner, **{"cost_model": self.policy, **(exit_options or {})})
+                if use_exit else None, frontier_size, pipeline_split)
             self.generator.calibrate()
         else:
             self.generator = TargetOnlyGenerator(self.runner, self.sampler, self.stop_checker)

@@ -59,6 +59,22 @@ class FaserOptions:
     exit_draft_prob: float = 0.5
     exit_candidates: int = 8
     exit_diagnostic: bool = False
+    # FASER frontier pipeline (speculative/frontier.py): "default" (auto for the faser policy,
+    # serial for the others), "auto", or a frontier size (0: serial draft-then-verify); the
+    # draft side of the hardware split: None (candidates, chosen per step) or cores / SMs.
+    frontier_size: str = "default"
+    pipeline_split: int | None = None
+
+    @property
+    def frontier_size_value(self) -> int | None:
+        """0: serial steps; None: the controller chooses per step; n: frontiers of n."""
+        from faser_sgl.speculative.frontier import parse_frontier_size
+
+        if self.speculative_policy == "none":
+            return 0
+        if self.frontier_size == "default":
+            return None if self.speculative_policy == "faser" else 0
+        return parse_frontier_size(self.frontier_size)
 
     @property
     def early_exit_on(self) -> bool:
@@ -136,6 +152,16 @@ class FaserOptions:
                                 "gave d less than this probability (1.0: whatever the draft's confidence)")
         group.add_argument("--faser-exit-candidates", type=int, default=FaserOptions.exit_candidates,
                            help="draft alternatives per draft token that the exit predictor compares")
+        group.add_argument("--faser-frontier-size", default="default",
+                           help="FASER frontier pipeline: verify each draft in frontiers of this many "
+                                "tokens while the draft model produces the next frontier on its own "
+                                "share of the hardware. 'auto': chosen per step from measured pass "
+                                "costs (serial when overlap does not pay); 0: serial draft-then-"
+                                "verify; default: auto for --speculative-policy faser, 0 otherwise")
+        group.add_argument("--faser-pipeline-split", default="auto",
+                           help="the draft model's share of the hardware while a frontier pipeline "
+                                "runs: CPU cores (the target keeps the rest) or SMs on a GPU; 'auto': "
+                                "a few candidates measured at start-up and chosen per step")
         group.add_argument("--faser-exit-diagnostic", action="store_true",
                            help="run verification at full depth and only record what early exit "
                                 "would have pruned (precision/recall in /get_server_info)")
@@ -159,6 +185,16 @@ class FaserOptions:
             threshold = parse_exit_threshold(args.faser_exit_threshold)
         except ValueError as exc:
             raise SystemExit(f"--faser-exit-threshold: {exc}") from None
+        from faser_sgl.speculative.frontier import parse_frontier_size
+        from faser_sgl.speculative.lanes import parse_split
+
+        frontier = args.faser_frontier_size
+        try:
+            if frontier != "default":
+                parse_frontier_size(frontier)
+            split = parse_split(args.faser_pipeline_split)
+        except ValueError as exc:
+            raise SystemExit(f"--faser-frontier-size/--faser-pipeline-split: {exc}") from None
         profile = args.speculative_cost_profile
         if profile is not None:
             if args.speculative_policy not in ("adaptive", "faser"):
@@ -195,4 +231,6 @@ class FaserOptions:
             exit_draft_prob=args.faser_exit_draft_prob,
             exit_candidates=args.faser_exit_candidates,
             exit_diagnostic=args.faser_exit_diagnostic,
+            frontier_size=frontier,
+            pipeline_split=split,
         )

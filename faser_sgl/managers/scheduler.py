@@ -111,18 +111,17 @@ class Scheduler:
                                   options.speculative_cost_profile)
         self.speculative = options.speculative_policy != "none"
         if self.speculative:
-            from faser_sgl.speculative.spec_generator import SpeculativeGenerator
-
             from faser_sgl.speculative.early_exit import make_early_exit
+            from faser_sgl.speculative.frontier import make_generator
 
             draft = DraftWorker(draft_runner, self.runner)
             early_exit = make_early_exit(self.runner, options.exit_layers, options.exit_threshold,
                                          options.exit_candidates, options.exit_diagnostic,
                                          options.exit_draft_prob, cost_model=self.policy) \
                 if options.early_exit_on else None
-            self.generator = SpeculativeGenerator(self.runner, draft, self.sampler, self.policy, self.allocator,
-                                                  self.stop_checker, self.planner.max_step_tokens,
-                                                  early_exit=early_exit)
+            self.generator = make_generator(self.runner, draft, self.sampler, self.policy, self.allocator,
+                                            self.stop_checker, self.planner.max_step_tokens, early_exit,
+                                            options.frontier_size_value, options.pipeline_split)
             seconds = self.generator.calibrate()
             if seconds:
                 logger.info("timed target and draft passes for the %s policy's cost model in %.1fs",
@@ -383,7 +382,8 @@ class Scheduler:
             self._last_retractions = self.planner.num_retractions
         if self.speculative:
             # Draft-then-verify: one frontier per step in which anything was verified.
-            m.frontiers.observe(1 if self.generator.num_verify_steps > verify_before else 0)
+            m.frontiers.observe(getattr(self.generator, "last_frontiers", 1)
+                                if self.generator.num_verify_steps > verify_before else 0)
 
     def send_outputs(self, reqs: list[Request]) -> None:
         self.sockets.send_detokenizer(build_output(reqs, speculative=self.speculative))
@@ -407,6 +407,8 @@ class Scheduler:
             "spec_accepted_tokens": getattr(gen, "num_accepted", 0),
             # Steps whose draft passes a newcomer interrupted (its prefill went first).
             "spec_preempted_steps": getattr(gen, "num_preempted_steps", 0),
+            "spec_pipelined_steps": getattr(gen, "num_pipelined_steps", 0),
+            "spec_frontier_pipeline": gen.controller.as_dict() if hasattr(gen, "controller") else None,
             # FASER early exit: rows pruned, exit ratio, per exit layer precision/recall.
             "spec_early_exit": gen.early_exit.stats.as_dict() if getattr(gen, "early_exit", None) else None,
         }

@@ -69,7 +69,11 @@ class CostCurve:
             point[1] += self.SMOOTHING * (seconds - point[1])
         self._sorted = None
 
-    def predict(self, tokens: int) -> float:
+    @property
+    def measured(self) -> bool:
+        return bool(self._buckets)
+
+    def predict(self, tokens: float) -> float:
         if self._sorted is None:
             self._sorted = sorted(self._buckets.values())
             self._keys = [p[0] for p in self._sorted]

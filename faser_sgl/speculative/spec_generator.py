@@ -27,6 +27,7 @@ the policy (cost-aware policies fit their cost model to it).
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -71,6 +72,8 @@ class SpeculativeGenerator:
         self.should_yield = None
         self.num_preempted_steps = 0
         self._draft_confidence: dict[int, list[float]] = {}  # per request, this step's drafts
+        # A list to record every timed pass as (model, thread name, start, end), or None.
+        self.trace: list[tuple[str, str, float, float]] | None = None
 
     # -- cost calibration --------------------------------------------------------------------
     def calibrate(self, repeats: int = 2) -> float:
@@ -126,7 +129,7 @@ class SpeculativeGenerator:
         """Per request: drafts this step (slots allocated), and for requests that wanted to draft
         but whose catch-up does not fit this step's draft budget, how many unseen tokens to feed
         the draft model now (they draft on a later step)."""
-        wanted = self.policy.choose_lengths(decodes, step_tokens)
+        wanted = self._wanted_lengths(decodes, step_tokens)
         budget = self._catch_up_budget(step_tokens)
         lengths, catch_up = [], {}
         for req, k in zip(decodes, wanted):
@@ -148,6 +151,9 @@ class SpeculativeGenerator:
                     budget -= lag
             lengths.append(k)
         return lengths, catch_up
+
+    def _wanted_lengths(self, decodes: list[Request], step_tokens: int) -> list[int]:
+        return self.policy.choose_lengths(decodes, step_tokens)
 
     MIN_CATCH_UP_TOKENS = 32
     # Whether decodes draft in a step that carries prefill chunks.  False (serving): the new
@@ -185,6 +191,11 @@ class SpeculativeGenerator:
             lengths, catch_up = self._draft_lengths(decodes, sum(len(c.tokens) for c in chunks))
             if self.on_draft_lengths is not None and lengths:
                 self.on_draft_lengths(lengths)
+        return self._run_step(chunks, decodes, lengths, catch_up)
+
+    def _run_step(self, chunks: list[ScheduledChunk], decodes: list[Request], lengths: list[int],
+                  catch_up: dict[int, int]) -> dict[Request, list[int]] | None:
+        """Draft, then verify every draft in one target pass (the serial step)."""
         k_of = {id(r): k for r, k in zip(decodes, lengths)}
         try:
             drafts, draft_probs, candidates = self._run_draft(decodes, lengths, catch_up)
@@ -304,8 +315,10 @@ class SpeculativeGenerator:
         if self.on_verify is not None:
             self.on_verify(drafted, accepted)
 
-    def _run_draft(self, decodes, lengths, catch_up: dict[int, int]):
-        """Autoregressive draft passes; returns per-request draft tokens and their q rows."""
+    def _run_draft(self, decodes, lengths, catch_up: dict[int, int], goals: dict[int, int] | None = None):
+        """Autoregressive draft passes; returns per-request draft tokens and their q rows.
+        ``lengths``: the draft slots each request holds; ``goals``: drafts to make now by id
+        (default: as many as it holds; a pipeline makes its first frontier only)."""
         drafts: dict[int, list[int]] = {id(r): [] for r in decodes}
         probs: dict[int, list[torch.Tensor]] = {id(r): [] for r in decodes}
         # Early exit's candidates per draft token: the token, then the draft's top alternatives.
@@ -332,31 +345,44 @@ class SpeculativeGenerator:
             slot_lists.append(req.kv_slots[:upto])
             req.draft_cached = upto
         step_logits = self._timed("draft", feeds, self.draft.forward, feeds, slot_lists)[: len(step_reqs)]
-        for _ in range(max(lengths, default=0)):
-            tokens = self._draft_sample(step_reqs, step_logits, drafts, probs, cands)
-            nxt = [(r, t) for r, t in zip(step_reqs, tokens) if len(drafts[id(r)]) < k_of[id(r)]]
-            if not nxt:
-                break
-            self._yield_point()
-            feeds = [[t] for _, t in nxt]
+        self._draft_sample(step_reqs, step_logits, drafts, probs, cands)
+        self._extend_drafts(step_reqs, goals or k_of, drafts, probs, cands, may_yield=True)
+        return drafts, probs, cands
+
+    def _extend_drafts(self, reqs, goal: dict[int, int], drafts, probs, cands, may_yield: bool = False) -> None:
+        """Draft passes until each request has ``goal[id]`` draft tokens: each pass feeds every
+        unfinished request its last draft token and samples the next.  ``may_yield``: ask
+        should_yield() before each pass (only the scheduler's own thread may)."""
+        reqs = [r for r in reqs if len(drafts[id(r)]) < goal[id(r)]]
+        while reqs:
+            if may_yield:
+                self._yield_point()
+            feeds = [[drafts[id(r)][-1]] for r in reqs]
             slot_lists = []
-            for r, _ in nxt:
+            for r in reqs:
                 slot_lists.append(r.kv_slots[: r.draft_cached + 1])
                 r.draft_cached += 1
-            step_reqs = [r for r, _ in nxt]
-            step_logits = self._timed("draft", feeds, self.draft.forward, feeds, slot_lists)
-        return drafts, probs, cands
+            logits = self._timed("draft", feeds, self.draft.forward, feeds, slot_lists)
+            self._draft_sample(reqs, logits, drafts, probs, cands)
+            reqs = [r for r in reqs if len(drafts[id(r)]) < goal[id(r)]]
 
     def _timed(self, model: str, feeds: list[list[int]], forward, *args) -> torch.Tensor:
         """Run one forward pass and report its wall time and token count to the policy."""
         start = time.perf_counter()
         logits = forward(*args)
         if logits.is_cuda:
-            torch.cuda.synchronize(logits.device)  # kernels are asynchronous: time their end
-        seconds, tokens = time.perf_counter() - start, sum(len(f) for f in feeds)
+            # Kernels are asynchronous: time their end (on this thread's stream only, so that a
+            # pipeline's other stream runs on).
+            torch.cuda.current_stream(logits.device).synchronize()
+        end = time.perf_counter()
+        if self.trace is not None:
+            self.trace.append((model, threading.current_thread().name, start, end))
+        self._observe_pass(model, sum(len(f) for f in feeds), end - start)
+        return logits
+
+    def _observe_pass(self, model: str, tokens: int, seconds: float) -> None:
         self.pass_costs[model].observe(tokens, seconds)
         self.policy.observe_forward(model, tokens, seconds)
-        return logits
 
     def _draft_sample(self, reqs, logits, drafts, probs, cands) -> list[int]:
         """Sample each request's next draft token from q (its final draft distribution): from
@@ -382,15 +408,16 @@ class SpeculativeGenerator:
         return tokens
 
     def _accept(self, req: Request, draft: list[int], logits: torch.Tensor, q_rows,
-                bonus: bool = True) -> tuple[list[int], int]:
+                bonus: bool = True, prefix: list[int] = ()) -> tuple[list[int], int]:
         """Verify ``draft`` against the target's rows; returns (emitted tokens, accepted drafts).
         Without a bonus row (early exit pruned it), the last row is repeated as a stand-in
         and a token drawn from it is dropped: the drafts are tested exactly as with the row,
-        and a fully accepted draft simply ends the pass without a bonus token."""
+        and a fully accepted draft simply ends the pass without a bonus token.  ``prefix``: drafts
+        of this step already accepted before ``draft`` (a pipeline verifies in frontiers)."""
         k = len(draft)
         if not bonus:
             logits = torch.cat([logits, logits[-1:]])
-        histories = [req.output_ids + draft[:j] for j in range(k + 1)]
+        histories = [req.output_ids + list(prefix) + draft[:j] for j in range(k + 1)]
         opts = [req.sampling] * (k + 1)
         prompts = [req.prompt_ids] * (k + 1)
         device = logits.device  # everything the kernels read lives beside the logits
