@@ -19,15 +19,19 @@ ACCEPT_BAND = (0.2, 0.9)
 MIN_DRAFTS_FOR_RATE = 12
 
 
-@pytest.fixture(scope="module")
-def spec_server(tiny_model_factory, partial_draft_path, tmp_path_factory):
+@pytest.fixture(scope="module", params=["serial", "pipeline"])
+def spec_server(request, tiny_model_factory, partial_draft_path, tmp_path_factory):
+    """Serial draft-then-verify, and FASER's frontier pipeline in frontiers of 2 (draft and
+    verification on the two sides of a core split)."""
     from server_utils import start_server
 
     target = tiny_model_factory("llama", seed=0)
     draft = partial_draft_path
+    frontier = ["--faser-frontier-size", "2"] if request.param == "pipeline" else []
     server = start_server(target, tmp_path_factory.mktemp("spec"), [
         "--max-total-tokens", "2048", "--speculative-policy", "fixed",
-        "--speculative-draft-model-path", draft, "--speculative-num-draft-tokens", "4"])
+        "--speculative-draft-model-path", draft, "--speculative-num-draft-tokens", "4", *frontier])
+    server.pipeline = request.param == "pipeline"
     yield server, target
     server.stop()
 
@@ -84,6 +88,7 @@ def test_ragged_speculation_is_lossless_and_frees_kv(spec_server):
     assert drafted == sum(b["meta_info"]["spec_num_proposed_drafts"] for b in bodies)
     assert accepted == sum(b["meta_info"]["spec_num_correct_drafts"] for b in bodies)
     assert state["avg_spec_accept_length"] > 1.0
+    assert (state["spec_pipelined_steps"] > 0) == server.pipeline, state["spec_pipelined_steps"]
 
 
 def test_invalid_draft_length_is_a_400(spec_server):

@@ -79,6 +79,7 @@ class FrontierController:
         self.joint_lengths = joint_lengths  # also try uniform lengths (adaptive policies)
         self.curves = {s.name: {"target": CostCurve(0.0, 0.0), "draft": CostCurve(0.0, 0.0)} for s in splits}
         self.choices: Counter = Counter()  # mode label -> steps
+        self.enabled = True  # False: every step serial (benchmarks switch the pipeline off)
 
     # -- costs ---------------------------------------------------------------------------------
     def cost(self, split, model: str, tokens: float) -> float:
@@ -126,6 +127,8 @@ class FrontierController:
     def choose(self, reqs: list[Request], wanted: list[int], caps: list[int]) -> tuple[list[int], _Mode]:
         """The step's lengths and mode, starting from the policy's lengths ``wanted``; ``caps``
         bound each request's length."""
+        if not self.enabled:
+            return list(wanted), _Mode()
         rates = [self.gen._accept_rate(r) for r in reqs]
         candidates = [list(wanted)]
         if self.joint_lengths and self.pinned_size is None:  # a pinned size keeps the policy's
@@ -149,6 +152,16 @@ class FrontierController:
 
     def observe(self, split, model: str, tokens: int, seconds: float) -> None:
         self.curves[split.name][model].observe(tokens, seconds)
+
+    def cost_table(self, target_rows=(1, 2, 3, 4, 5), draft_rows=(1, 2, 4, 8)) -> list[str]:
+        """Predicted ms per pass, whole machine and each side of each split (for benchmarks)."""
+        lines = []
+        for split in [None] + list(self.splits):
+            name = "whole machine, in turn" if split is None else f"{split.name}, both sides busy"
+            t = " ".join(f"{1000 * self.cost(split, 'target', n):.0f}" for n in target_rows)
+            d = " ".join(f"{1000 * self.cost(split, 'draft', n):.0f}" for n in draft_rows)
+            lines.append(f"| {name} | {t} | {d} |")
+        return lines
 
     def as_dict(self) -> dict:
         return {"splits": [s.name for s in self.splits], "pinned_size": self.pinned_size,
@@ -265,21 +278,21 @@ class FrontierGenerator(SpeculativeGenerator):
 
     def _run_step(self, chunks, decodes, lengths, catch_up):
         mode, self._mode = self._mode, _Mode()
-        pipelined = mode.split is not None and not catch_up and len(chunks) == len(decodes) \
-            and max(lengths, default=0) > mode.size
+        pipelined = mode.split is not None and len(chunks) == len(decodes) and max(lengths, default=0) > mode.size
         if not pipelined:
             out = super()._run_step(chunks, decodes, lengths, catch_up)
             if out:
                 self.last_frontiers = 1
             return out
-        return self._pipelined_step(chunks, lengths, mode)
+        return self._pipelined_step(chunks, lengths, catch_up, mode)
 
-    def _pipelined_step(self, chunks, lengths: list[int], mode: _Mode) -> dict[Request, list[int]] | None:
+    def _pipelined_step(self, chunks, lengths: list[int], catch_up: dict[int, int],
+                        mode: _Mode) -> dict[Request, list[int]] | None:
         decodes = [c.req for c in chunks]
         newest = {id(c.req): c.tokens for c in chunks}
         runs = {id(r): _Run(k, min(k, mode.size), len(r.kv_slots) - k) for r, k in zip(decodes, lengths)}
         try:  # the first frontier, on the whole machine, preemptible like a serial draft phase
-            drafts, probs, cands = self._run_draft(decodes, lengths, {},
+            drafts, probs, cands = self._run_draft(decodes, lengths, catch_up,
                                                    goals={i: run.size for i, run in runs.items()})
         except DraftPreempted:
             self._abandon_drafts(decodes, lengths)
