@@ -160,8 +160,9 @@ class FaserOptions:
                                 "verify; default: auto for --speculative-policy faser, 0 otherwise")
         group.add_argument("--faser-pipeline-split", default="auto",
                            help="the draft model's share of the hardware while a frontier pipeline "
-                                "runs: CPU cores (the target keeps the rest) or SMs on a GPU; 'auto': "
-                                "a few candidates measured at start-up and chosen per step")
+                                "runs: CPU cores (the target keeps the rest) or SMs on a GPU (green "
+                                "contexts); 0: no partition (shared cores, plain CUDA streams); "
+                                "'auto': a few candidates measured at start-up and chosen per step")
         group.add_argument("--faser-exit-diagnostic", action="store_true",
                            help="run verification at full depth and only record what early exit "
                                 "would have pruned (precision/recall in /get_server_info)")

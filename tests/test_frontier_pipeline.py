@@ -42,14 +42,17 @@ def pipeline_engine(target, draft, frontier_size, **kw):
 
 
 @needs_two_cores
+@pytest.mark.parametrize("split", [1, 0], ids=["core-split", "shared"])
 @pytest.mark.parametrize("frontier_size", [1, 2, 3])
 @pytest.mark.parametrize("exit_options", [None, PRUNE_ALL, {"layers": "2", "threshold": 1.0}],
                          ids=["no-exit", "prune-all", "lens"])
-def test_greedy_output_is_the_targets(target, partial_draft_path, target_only, frontier_size, exit_options):
-    """Mixed lengths (one request pins 1, another 2, the rest K=4) in frontiers of 1..3, with
-    early exit off, pruning every scored draft, or by the lens rule."""
+def test_greedy_output_is_the_targets(target, partial_draft_path, target_only, frontier_size, exit_options, split):
+    """Mixed lengths (K=4, some requests pin 1, 2 or 3) in frontiers of 1..3, with early exit
+    off, pruning every scored draft, or by the lens rule; the draft on its own core, or sharing
+    both cores with the target."""
     engine = pipeline_engine(target, partial_draft_path, frontier_size, k=4, early_exit=exit_options is not None,
-                             exit_options=exit_options)
+                             exit_options=exit_options, pipeline_split=split)
+    assert engine.generator.splits[0].name == ("cpu:1+1" if split else "cpu:shared")
     lengths = [None, 1, 2, None, None, 3]
     outs = engine.run([engine.make_request(p, 24, draft_len=k, temperature=0) for p, k in zip(PROMPTS, lengths)])
     assert outs == target_only
@@ -154,25 +157,25 @@ def make_pipeline_engine(tiny_model_factory):
     target = tiny_model_factory("llama", seed=0)
     draft = tiny_model_factory(**NOISY_DRAFT)
 
-    def make(frontier_size, exit_options=None, scheme="rejection"):
+    def make(frontier_size, exit_options=None, scheme="rejection", split=None):
         # One prefill step for all 1500 requests, so that the verification of tokens 2..k+1 is
         # one pipelined step (a step that carries prefill runs serially).
         return lambda: Engine(target, draft, k=3, max_running=1500, max_step_tokens=8192, sampling_scheme=scheme,
                               frontier_size=frontier_size, early_exit=exit_options is not None,
-                              exit_options=exit_options)
+                              exit_options=exit_options, pipeline_split=split)
     return make
 
 
 @needs_two_cores
-@pytest.mark.parametrize("frontier_size,exit_options,scheme", [
-    (1, None, "rejection"), (2, None, "rejection"), (1, PRUNE_ALL, "rejection"),
-    (1, {"layers": "1", "threshold": 0.0, "draft_prob": float("inf")}, "rejection"), (1, None, "coupled")],
-    ids=["F1", "F2", "F1-prune-all", "F1-lens", "F1-coupled"])
-def test_sampling_keeps_the_target_law(make_pipeline_engine, frontier_size, exit_options, scheme):
+@pytest.mark.parametrize("frontier_size,exit_options,scheme,split", [
+    (1, None, "rejection", None), (2, None, "rejection", 0), (1, PRUNE_ALL, "rejection", None),
+    (1, {"layers": "1", "threshold": 0.0, "draft_prob": float("inf")}, "rejection", 0), (1, None, "coupled", None)],
+    ids=["F1", "F2-shared", "F1-prune-all", "F1-lens-shared", "F1-coupled"])
+def test_sampling_keeps_the_target_law(make_pipeline_engine, frontier_size, exit_options, scheme, split):
     engines = []
 
     def build():
-        engine = make_pipeline_engine(frontier_size, exit_options, scheme)()
+        engine = make_pipeline_engine(frontier_size, exit_options, scheme, split)()
         engines.append(engine)
         return engine
     check = first_verification_check(build)
@@ -248,9 +251,9 @@ def test_option_parsing():
     for bad in ("-1", "two"):
         with pytest.raises(ValueError, match="frontier size"):
             parse_frontier_size(bad)
-    assert parse_split("auto") is None and parse_split("2") == 2
+    assert parse_split("auto") is None and parse_split("2") == 2 and parse_split("0") == 0
     with pytest.raises(ValueError, match="split"):
-        parse_split("0")
+        parse_split("-1")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -259,7 +262,7 @@ def test_cuda_streams_and_green_contexts_keep_greedy_output(target, partial_draf
     where FlashInfer provides them)."""
     reference = Engine(target, None, device="cuda")
     expected = reference.run([reference.make_request(p, 24, temperature=0) for p in PROMPTS])
-    for split in (None, 8):
+    for split in (0, 8):  # plain streams; 8 SMs for the draft (green contexts where available)
         engine = Engine(target, partial_draft_path, k=4, device="cuda", frontier_size=2, pipeline_split=split)
         outs = engine.run([engine.make_request(p, 24, temperature=0) for p in PROMPTS])
         assert outs == expected, engine.generator.splits[0].name

@@ -19,7 +19,7 @@ from tqdm.asyncio import tqdm
 from faser_sgl.bench.workloads import Workload
 
 # The speculation counters of /get_server_info that a run's delta is taken of.
-SPEC_COUNTERS = ("spec_verify_steps", "spec_drafted_tokens", "spec_accepted_tokens")
+SPEC_COUNTERS = ("spec_verify_steps", "spec_drafted_tokens", "spec_accepted_tokens", "spec_pipelined_steps")
 
 
 def client_args(temperature: float, ignore_eos: bool) -> argparse.Namespace:

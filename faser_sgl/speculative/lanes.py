@@ -126,6 +126,25 @@ class CpuSplit:
         self.lane.close()
 
 
+class SharedSplit:
+    """No partition: the lane (one intra-op thread) and the target share every core and the OS
+    interleaves them.  For a one-core machine, and the baseline a partition has to beat."""
+
+    name = "cpu:shared"
+
+    def __init__(self):
+        self.lane = Lane(f"draft-lane[{self.name}]", lambda: torch.set_num_threads(1))
+
+    def draft_side(self):
+        return contextlib.nullcontext()
+
+    def target_side(self):
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        self.lane.close()
+
+
 class CudaSplit:
     """Draft and target on two CUDA streams; on disjoint SMs where green contexts exist."""
 
@@ -173,15 +192,15 @@ class CudaSplit:
 
 def parse_split(text: str | int | None) -> int | None:
     """``--faser-pipeline-split``: 'auto' (None) or the draft side's share as a count (CPU
-    cores, or SMs on CUDA)."""
+    cores, or SMs on CUDA); 0: no partition (shared cores, or plain CUDA streams)."""
     if text is None or str(text).strip() == "auto":
         return None
     try:
         value = int(text)
     except ValueError:
-        raise ValueError(f"the pipeline split must be 'auto' or a positive count, got {text!r}") from None
-    if value < 1:
-        raise ValueError(f"the pipeline split must be at least 1, got {value}")
+        raise ValueError(f"the pipeline split must be 'auto' or a count >= 0, got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"the pipeline split must be 'auto' or a count >= 0, got {value}")
     return value
 
 
@@ -192,6 +211,8 @@ def make_splits(device: torch.device | str, draft_share: int | None = None) -> l
     device = torch.device(device)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).multi_processor_count
+        if draft_share == 0:
+            return [CudaSplit(device, None)]
         if draft_share is not None:
             if draft_share >= total:
                 raise ValueError(f"--faser-pipeline-split {draft_share} leaves the target no SM "
@@ -201,6 +222,8 @@ def make_splits(device: torch.device | str, draft_share: int | None = None) -> l
         shares = sorted({max(8, (total // 4) // 8 * 8), max(8, (total // 2) // 8 * 8)})
         return [CudaSplit(device, s) for s in shares if s < total]
     cores = sorted(os.sched_getaffinity(0))
+    if draft_share == 0:
+        return [SharedSplit()]
     if draft_share is not None:
         if draft_share >= len(cores):
             raise ValueError(f"--faser-pipeline-split {draft_share} leaves the target no core "

@@ -23,6 +23,9 @@ first pass of its next drafting step feeds what the draft has not seen, in one r
 bounded in time (``_catch_up_budget``).  So a policy that chooses k = 0 pays nothing for the
 draft model.  Every forward pass is timed and reported to
 the policy (cost-aware policies fit their cost model to it).
+FASER's frontier pipeline (frontier.py) is a subclass whose steps may instead verify the drafts
+in chunks while the next chunk is drafted on another part of the machine; it reuses the draft
+passes, the acceptance and the roll-back here.
 """
 
 from __future__ import annotations
