@@ -284,15 +284,17 @@ def test_a_step_carrying_a_prefill_drafts_nothing(target, partial_draft_path):
         plain.planner.take_back(c)
 
 
-@pytest.mark.parametrize("yield_at", [1, 2, 3])
-def test_a_preempted_draft_phase_changes_nothing_but_time(target, partial_draft_path, yield_at):
+@pytest.mark.parametrize("frontier_size,yield_at", [(0, 1), (0, 2), (0, 3), (2, 1), (2, 2)],
+                         ids=["serial-1", "serial-2", "serial-3", "pipeline-1", "pipeline-2"])
+def test_a_preempted_draft_phase_changes_nothing_but_time(target, partial_draft_path, frontier_size, yield_at):
     """should_yield() True before the yield_at-th draft pass (1 = before the catch-up pass)
     abandons the step: no token is emitted, the KV pool and every request's state are as before
     the step (the draft's catch-up on committed tokens is kept), and the run goes on to the
-    target-only text with every slot back in the pool."""
+    target-only text with every slot back in the pool.  Pipelined (frontiers of 2): the first
+    frontier's two passes are the preemptible ones."""
     reference = Engine(target, None).run([Engine(target, None).make_request(p, 16, temperature=0)
                                           for p in PROMPTS[:3]])
-    engine = _whole_catch_up(Engine(target, partial_draft_path, k=3))
+    engine = _whole_catch_up(Engine(target, partial_draft_path, k=3, frontier_size=frontier_size))
     reqs = [engine.make_request(p, 16, temperature=0) for p in PROMPTS[:3]]
     for r in reqs:
         engine.planner.add(r)
