@@ -25,8 +25,8 @@ needs_two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a
 
 
 @pytest.fixture(scope="module")
-def target(tiny_model_factory):
-    return tiny_model_factory("llama", seed=0)
+def target(tiny_model_path):
+    return tiny_model_path  # the llama tiny model, seed 0
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +153,7 @@ def test_randomized_accepts_rejects_stops_limits_and_aborts_return_every_slot(ta
 
 
 @pytest.fixture(scope="module")
-def make_pipeline_engine(tiny_model_factory):
-    target = tiny_model_factory("llama", seed=0)
+def make_pipeline_engine(target, tiny_model_factory):
     draft = tiny_model_factory(**NOISY_DRAFT)
 
     def make(frontier_size, exit_options=None, scheme="rejection", split=None):

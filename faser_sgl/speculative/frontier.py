@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -35,21 +36,14 @@ from faser_sgl.executor.forward_batch import ForwardBatch
 from faser_sgl.managers.request import Request
 from faser_sgl.speculative.adaptive import CostCurve, expected_tokens
 from faser_sgl.speculative.early_exit import Verification
+from faser_sgl.speculative.lanes import make_splits, parse_auto_count
 from faser_sgl.speculative.spec_generator import DraftPreempted, SpeculativeGenerator
 
 
 def parse_frontier_size(text) -> int | None:
     """``--faser-frontier-size``: 'auto' (None: the controller chooses), 0 (serial
     draft-then-verify) or a pinned frontier size."""
-    if text is None or str(text).strip() == "auto":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"the frontier size must be 'auto' or an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise ValueError(f"the frontier size must be 'auto' or an integer >= 0, got {value}")
-    return value
+    return parse_auto_count(text, "the frontier size")
 
 
 @dataclass
@@ -230,8 +224,6 @@ class FrontierGenerator(SpeculativeGenerator):
         sizes = list(range(1, kmax + 2))
         if not self.splits or self.allocator.num_free < max(sizes) + 8:
             return seconds
-        import time
-
         start = time.perf_counter()
         slots = self.allocator.alloc(max(sizes) + 8)
         try:
@@ -309,16 +301,14 @@ class FrontierGenerator(SpeculativeGenerator):
                 future = split.lane.submit(self._draft_round, split, more, goals, drafts, probs, cands)
             try:
                 with self._on_side(split, split.target_side) if future else contextlib.nullcontext():
-                    rows, verifications = self._verify_frontier(live, r, runs, newest, drafts, cands)
+                    rows, counts, verifications = self._verify_frontier(live, r, runs, newest, drafts, cands)
             finally:
                 if future is not None:
                     future.result()  # the lane no longer touches the step's state
             offset = 0
-            for q in live:
-                run, v = runs[id(q)], verifications.get(id(q))
-                n_rows = v.rows if v is not None else (len(newest[id(q)]) if r == 0 else 0) + \
-                    run.span(r)[1] - run.span(r)[0]
-                self._accept_frontier(q, r, run, rows[offset: offset + n_rows], v, drafts, probs)
+            for q, n_rows in zip(live, counts):
+                self._accept_frontier(q, r, runs[id(q)], rows[offset: offset + n_rows],
+                                      verifications.get(id(q)), drafts, probs)
                 offset += n_rows
             live = [q for q in live if not runs[id(q)].done]
             r += 1
@@ -334,7 +324,7 @@ class FrontierGenerator(SpeculativeGenerator):
 
     def _verify_frontier(self, live, r: int, runs, newest, drafts, cands):
         """One target pass over frontier r of every live request; returns the surviving logits
-        rows and early exit's Verification per request."""
+        rows, how many of them each request owns, and early exit's Verification per request."""
         feeds, slot_lists, rows, verifications = [], [], [], {}
         for q in live:
             run = runs[id(q)]
@@ -354,19 +344,16 @@ class FrontierGenerator(SpeculativeGenerator):
             rows.append(list(range(len(tokens))))
         batch = ForwardBatch.build(feeds, slot_lists, rows)
         if verifications:
-            spt = None
-            if self.early_exit.cost_model is not None:
-                tokens = sum(expected_tokens(self._accept_rate(q), runs[id(q)].k - runs[id(q)].span(r)[0])
-                             for q in live)
-                spt = self.early_exit.cost_model.target_cost.predict(batch.num_tokens) / max(tokens, 1.0)
-            logits = self._timed("target", feeds, self.early_exit.forward, batch,
-                                 list(verifications.values()), spt)
+            left = {id(q): runs[id(q)].k - runs[id(q)].span(r)[0] for q in live}  # drafts still to verify
+            logits = self._timed("target", feeds, self.early_exit.forward, batch, list(verifications.values()),
+                                 self._seconds_per_token(live, left, batch.num_tokens))
             pruned = sum(v.num_drafts - v.verified for v in verifications.values())
             if pruned and self.on_early_exit is not None:
                 self.on_early_exit(pruned)
         else:
             logits = self._timed("target", feeds, self.target.forward, batch)
-        return logits, verifications
+        counts = [verifications[id(q)].rows if id(q) in verifications else len(f) for q, f in zip(live, feeds)]
+        return logits, counts, verifications
 
     def _accept_frontier(self, q: Request, r: int, run: _Run, rows: torch.Tensor, v, drafts, probs) -> None:
         """Test frontier r's drafts in order against the held row and this pass's rows."""
@@ -431,8 +418,6 @@ def make_generator(target_runner, draft_worker, sampler, policy, allocator, stop
     args = (target_runner, draft_worker, sampler, policy, allocator, stop_checker, max_step_tokens)
     if frontier_size == 0:
         return SpeculativeGenerator(*args, early_exit=early_exit)
-    from faser_sgl.speculative.lanes import make_splits
-
     splits = make_splits(target_runner.device, split_share)
     if not splits and frontier_size is not None:
         raise ValueError("--faser-frontier-size needs at least two CPU cores (or a GPU) to split "

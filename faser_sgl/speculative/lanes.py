@@ -95,9 +95,8 @@ class CpuSplit:
         os.sched_setaffinity(threading.get_native_id(), self.draft_cores)
         torch.set_num_threads(len(self.draft_cores))
 
-    @contextlib.contextmanager
     def draft_side(self):
-        yield  # the lane is pinned for good when it starts
+        return contextlib.nullcontext()  # the lane is pinned for good when it starts
 
     @contextlib.contextmanager
     def target_side(self):
@@ -190,18 +189,23 @@ class CudaSplit:
         self.lane.close()
 
 
-def parse_split(text: str | int | None) -> int | None:
-    """``--faser-pipeline-split``: 'auto' (None) or the draft side's share as a count (CPU
-    cores, or SMs on CUDA); 0: no partition (shared cores, or plain CUDA streams)."""
+def parse_auto_count(text: str | int | None, what: str) -> int | None:
+    """'auto' (None) or an integer >= 0; ValueError naming ``what`` otherwise."""
     if text is None or str(text).strip() == "auto":
         return None
     try:
         value = int(text)
     except ValueError:
-        raise ValueError(f"the pipeline split must be 'auto' or a count >= 0, got {text!r}") from None
+        raise ValueError(f"{what} must be 'auto' or an integer >= 0, got {text!r}") from None
     if value < 0:
-        raise ValueError(f"the pipeline split must be 'auto' or a count >= 0, got {value}")
+        raise ValueError(f"{what} must be 'auto' or an integer >= 0, got {value}")
     return value
+
+
+def parse_split(text: str | int | None) -> int | None:
+    """``--faser-pipeline-split``: 'auto' (None) or the draft side's share as a count (CPU
+    cores, or SMs on CUDA); 0: no partition (shared cores, or plain CUDA streams)."""
+    return parse_auto_count(text, "the pipeline split")
 
 
 def make_splits(device: torch.device | str, draft_share: int | None = None) -> list:

@@ -225,7 +225,8 @@ class SpeculativeGenerator:
         batch = ForwardBatch.build(feeds, slot_lists, rows)
         if verifications:
             logits = self._timed("target", feeds, self.early_exit.forward, batch, list(verifications.values()),
-                                 self._seconds_per_token(chunks, k_of, batch.num_tokens))
+                                 self._seconds_per_token([c.req for c in chunks if c.needs_logits], k_of,
+                                                         batch.num_tokens))
             pruned = sum(v.num_drafts - v.verified for v in verifications.values())
             if pruned and self.on_early_exit is not None:
                 self.on_early_exit(pruned)
@@ -285,14 +286,14 @@ class SpeculativeGenerator:
         if self.should_yield is not None and self.should_yield():
             raise DraftPreempted
 
-    def _seconds_per_token(self, chunks, k_of: dict[int, int], num_tokens: int) -> float | None:
-        """Predicted seconds of this step's target pass per token it is expected to emit (the
-        price of a token that a wrong early-exit prune loses), from early exit's cost model."""
+    def _seconds_per_token(self, reqs: list[Request], k_of: dict[int, int], num_tokens: int) -> float | None:
+        """Predicted seconds of this target pass (``num_tokens``) per token that ``reqs``, with
+        k_of[id] drafts to verify, are expected to emit (the price of a token that a wrong
+        early-exit prune loses), from early exit's cost model."""
         cost_model = self.early_exit.cost_model
         if cost_model is None:
             return None
-        tokens = sum(expected_tokens(self._accept_rate(c.req), k_of.get(id(c.req), 0))
-                     for c in chunks if c.needs_logits)
+        tokens = sum(expected_tokens(self._accept_rate(r), k_of.get(id(r), 0)) for r in reqs)
         return cost_model.target_cost.predict(num_tokens) / max(tokens, 1.0)
 
     def _accept_rate(self, req: Request) -> float:
