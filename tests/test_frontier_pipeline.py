@@ -20,6 +20,8 @@ from test_speculative_sampling import NOISY_DRAFT, first_verification_check
 
 PROMPTS = [[5, 17, 33], list(range(40, 75)), [7] * 11, list(range(100, 123)), [3, 9], [250, 30, 31, 2, 8]]
 PRUNE_ALL = {"layers": "1", "threshold": float("-inf"), "draft_prob": float("inf")}
+# A 1500-request pass costs mostly its fixed part (rows nearly free), so the faser policy drafts.
+FASER_PROFILE = "target=3000+0.1,draft=10+0.01"
 
 needs_two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a core split needs 2 cores")
 
@@ -156,25 +158,30 @@ def test_randomized_accepts_rejects_stops_limits_and_aborts_return_every_slot(ta
 def make_pipeline_engine(target, tiny_model_factory):
     draft = tiny_model_factory(**NOISY_DRAFT)
 
-    def make(frontier_size, exit_options=None, scheme="rejection", split=None):
+    def make(frontier_size, exit_options=None, scheme="rejection", split=None, policy="fixed"):
         # One prefill step for all 1500 requests, so that the verification of tokens 2..k+1 is
-        # one pipelined step (a step that carries prefill runs serially).
+        # one pipelined step (a step that carries prefill runs serially).  The faser policy runs
+        # with its own early exit (on by default, prunes decided by cost) and FASER_PROFILE.
+        faser = policy == "faser"
         return lambda: Engine(target, draft, k=3, max_running=1500, max_step_tokens=8192, sampling_scheme=scheme,
-                              frontier_size=frontier_size, early_exit=exit_options is not None,
-                              exit_options=exit_options, pipeline_split=split)
+                              frontier_size=frontier_size, early_exit=None if faser else exit_options is not None,
+                              exit_options=exit_options, pipeline_split=split, policy=policy,
+                              cost_profile=FASER_PROFILE if faser else None)
     return make
 
 
 @needs_two_cores
-@pytest.mark.parametrize("frontier_size,exit_options,scheme,split", [
-    (1, None, "rejection", None), (2, None, "rejection", 0), (1, PRUNE_ALL, "rejection", None),
-    (1, {"layers": "1", "threshold": 0.0, "draft_prob": float("inf")}, "rejection", 0), (1, None, "coupled", None)],
-    ids=["F1", "F2-shared", "F1-prune-all", "F1-lens-shared", "F1-coupled"])
-def test_sampling_keeps_the_target_law(make_pipeline_engine, frontier_size, exit_options, scheme, split):
+@pytest.mark.parametrize("frontier_size,exit_options,scheme,split,policy", [
+    (1, None, "rejection", None, "fixed"), (2, None, "rejection", 0, "fixed"),
+    (1, PRUNE_ALL, "rejection", None, "fixed"),
+    (1, {"layers": "1", "threshold": 0.0, "draft_prob": float("inf")}, "rejection", 0, "fixed"),
+    (1, None, "coupled", None, "fixed"), (1, None, "rejection", None, "faser")],
+    ids=["F1", "F2-shared", "F1-prune-all", "F1-lens-shared", "F1-coupled", "F1-faser-policy"])
+def test_sampling_keeps_the_target_law(make_pipeline_engine, frontier_size, exit_options, scheme, split, policy):
     engines = []
 
     def build():
-        engine = make_pipeline_engine(frontier_size, exit_options, scheme, split)()
+        engine = make_pipeline_engine(frontier_size, exit_options, scheme, split, policy)()
         engines.append(engine)
         return engine
     check = first_verification_check(build)
