@@ -11,6 +11,8 @@ import torch
 from faser_sgl.executor.model_runner import ModelRunner
 from faser_sgl.executor.sampler import Sampler, SamplingOptions
 from faser_sgl.managers.batch_planner import BatchPlanner
+from faser_sgl.managers.logprobs import make_state as make_logprob_state
+from faser_sgl.managers.logprobs import start_input
 from faser_sgl.managers.request import Request, StopConditions, finish_abort, uses_coupled_sampling
 from faser_sgl.managers.stop_checker import StopChecker
 from faser_sgl.managers.token_generator import TargetOnlyGenerator
@@ -32,14 +34,16 @@ class OfflineEngine:
                  tokenizer=None, sampling_scheme: str = "rejection", cost_profile: str | None = None,
                  device: str = "cpu", attention_backend: str = "torch", cpu_linear: str = "auto",
                  early_exit: bool | None = None, exit_options: dict | None = None,
-                 frontier_size: int | None = 0, pipeline_split: int | None = None):
+                 frontier_size: int | None = 0, pipeline_split: int | None = None,
+                 prefix_cache: bool = False):
         """tokenizer: enables stop strings (make_request(stop=...)); sampling_scheme: how sampled
         requests draw, see faser_sgl.managers.request.uses_coupled_sampling.  early_exit: FASER's
         early exit in verification (None: on for the faser policy only); exit_options: keyword
         arguments of speculative.early_exit.make_early_exit (layers, threshold, candidates,
         diagnostic).  frontier_size / pipeline_split: FASER's frontier pipeline, as
         --faser-frontier-size / --faser-pipeline-split (0: serial steps, the default here;
-        None: chosen per step)."""
+        None: chosen per step).  prefix_cache: the server's radix prefix cache (on there unless
+        --disable-radix-cache; off here by default so that runs do not depend on each other)."""
         # kv_slots=None sizes the pool from mem_fraction of available memory, as the server does
         # without --max-total-tokens; with a draft, one budget covers both models' pools.
         self.speculative = draft_path is not None and policy != "none"
@@ -52,7 +56,12 @@ class OfflineEngine:
                                   cpu_linear=cpu_linear,
                                   max_total_tokens=kv_slots, mem_fraction=mem_fraction, draft=draft_runner)
         self.sampler = Sampler()
-        self.planner = BatchPlanner(self.runner.allocator, max_running, max_step_tokens)
+        self.prefix_cache = None
+        if prefix_cache:
+            from faser_sgl.managers.prefix_cache import PrefixCache
+
+            self.prefix_cache = PrefixCache(self.runner.allocator)
+        self.planner = BatchPlanner(self.runner.allocator, max_running, max_step_tokens, self.prefix_cache)
         self.stop_checker = StopChecker(tokenizer)
         # cost_profile: as --speculative-cost-profile (adaptive policy only).
         self.policy = make_policy(policy if self.speculative else "none", num_draft_tokens,
@@ -78,7 +87,11 @@ class OfflineEngine:
         self._counter = 0
 
     def make_request(self, prompt: list[int], max_new_tokens: int, draft_len: int | None = None,
-                     stop_token_ids=None, stop: tuple[str, ...] = (), **sampling) -> Request:
+                     stop_token_ids=None, stop: tuple[str, ...] = (), logprobs: dict | None = None,
+                     grammar=None, **sampling) -> Request:
+        """logprobs: {"start_len", "top_num", "token_ids"} as SGLang's logprob_start_len,
+        top_logprobs_num and token_ids_logprob (None: no logprobs); grammar: a
+        managers.grammar.GrammarState constraining the output."""
         self._counter += 1
         stops = self.eos_token_ids if stop_token_ids is None else frozenset(stop_token_ids)
         opts = SamplingOptions.from_sglang(SamplingParamsLike(**sampling), self.runner.vocab_size, sorted(stops))
@@ -91,8 +104,16 @@ class OfflineEngine:
                                   for s in stop)
         conditions = StopConditions(max_new_tokens=max_new_tokens, stop_token_ids=stops,
                                     stop_strs=tuple(stop), stop_str_max_tokens=stop_str_tokens)
-        return Request(rid=f"offline-{self._counter}", http_worker_ipc=None, prompt_ids=list(prompt),
-                       stop=conditions, sampling=opts, stream=False, requested_draft_len=draft_len)
+        req = Request(rid=f"offline-{self._counter}", http_worker_ipc=None, prompt_ids=list(prompt),
+                      stop=conditions, sampling=opts, stream=False, requested_draft_len=draft_len)
+        if logprobs is not None:
+            req.logprobs = make_logprob_state(True, logprobs.get("start_len"), logprobs.get("top_num"),
+                                              logprobs.get("token_ids"), len(prompt), self.runner.vocab_size)
+            start_input(req.logprobs, req.prompt_ids)
+            if req.logprobs.wants_input:
+                req.cacheable_prefix = req.logprobs.cacheable_prefix
+        req.grammar = grammar
+        return req
 
     def abort(self, rid_prefix: str) -> list[Request]:
         """Abort running or waiting requests by rid prefix, as the server's AbortReq does."""

@@ -90,11 +90,21 @@ def test_empty_input(small_server):
         assert 400 <= r.status_code < 500, (body, r.status_code, r.text)
 
 
-def test_unsupported_features_are_refused_clearly(small_server):
-    r = post(small_server, {"input_ids": [1, 2, 3], "return_logprob": True, "sampling_params": {"max_new_tokens": 2}})
-    assert 400 <= r.status_code < 500 and "return_logprob" in r.text
-    r = post(small_server, {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2, "regex": "[a-z]+"}})
-    assert 400 <= r.status_code < 500 and "constrained" in r.text
+@pytest.mark.parametrize("body,word", [
+    ({"lora_path": "my-adapter"}, "LoRA"),
+    ({"sampling_params": {"max_new_tokens": 2, "regex": "([a-z"}}, "regex"),
+    ({"sampling_params": {"max_new_tokens": 2, "json_schema": "{not json"}}, "json_schema"),
+    ({"sampling_params": {"max_new_tokens": 2, "json_schema": '{"type": "strin"}'}}, "json_schema"),
+    ({"sampling_params": {"max_new_tokens": 2, "ebnf": "root ::= missing_rule"}}, "ebnf"),
+    ({"return_logprob": True, "logprob_start_len": 50}, "logprob_start_len"),
+    ({"return_logprob": True, "token_ids_logprob": [10**7]}, "token_ids_logprob"),
+])
+def test_unsupported_or_invalid_features_are_refused_clearly(small_server, body, word):
+    r = post(small_server, {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2}, **body})
+    assert 400 <= r.status_code < 500, r.text
+    assert word.lower() in r.text.lower(), r.text
+    # The server keeps serving.
+    assert post(small_server, {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2}}).status_code == 200
 
 
 def test_token_id_outside_vocabulary(small_server):

@@ -108,7 +108,8 @@ def test_a_newcomer_preempts_the_draft_passes(wired_scheduler, tiny_model_path):
     while scheduler.planner.has_work():
         scheduler.receive_messages(0)
         scheduler.step()
-    assert scheduler.allocator.num_free == scheduler.allocator.num_total
+    # Nothing held by a request; what the prefix cache keeps it gives up on demand.
+    assert scheduler.allocator.num_available == scheduler.allocator.num_total
     assert scheduler.generator.num_preempted_steps == 1  # a plain arrival-free run: no more
 
     reference = Engine(tiny_model_path, None)

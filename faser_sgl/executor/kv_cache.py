@@ -57,12 +57,17 @@ class SlotAllocator:
     All-or-nothing allocation.  ``free`` checks every slot before releasing any, so a double free
     or a stray slot (the signature of a leak or a bookkeeping bug elsewhere) raises and leaves the
     allocator unchanged.
+
+    ``reclaimer`` (optional, e.g. a prefix cache) holds slots it can give back on demand: it has an
+    ``evictable_size`` and an ``evict(n)`` that frees at least n slots where it can.  Slots it holds
+    count as available, and ``alloc`` asks it to evict before refusing.
     """
 
     def __init__(self, num_slots: int):
         if num_slots < 1:
             raise ValueError(f"a KV pool needs at least one slot, got {num_slots}")
         self.num_total = num_slots
+        self.reclaimer = None
         self.reset()
 
     def reset(self) -> None:
@@ -79,13 +84,22 @@ class SlotAllocator:
     def num_used(self) -> int:
         return self.num_total - len(self._free)
 
+    @property
+    def num_available(self) -> int:
+        """Free slots plus those the reclaimer could evict to satisfy an alloc."""
+        return len(self._free) + (self.reclaimer.evictable_size if self.reclaimer is not None else 0)
+
     def can_alloc(self, n: int) -> bool:
-        return 0 <= n <= len(self._free)
+        return 0 <= n <= self.num_available
 
     def alloc(self, n: int) -> list[int] | None:
-        """n free slots, or None when fewer than n are free (never a partial allocation)."""
+        """n free slots, or None when fewer than n are free even after asking the reclaimer to
+        evict (never a partial allocation)."""
         if n < 0:
             raise ValueError(f"cannot allocate {n} slots")
+        # Evict only when that will suffice: a refused alloc should not have emptied the cache.
+        if len(self._free) < n <= self.num_available:
+            self.reclaimer.evict(n - len(self._free))
         if n > len(self._free):
             return None
         slots = self._free[len(self._free) - n:][::-1]

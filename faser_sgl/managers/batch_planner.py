@@ -8,6 +8,11 @@ arrived running request is retracted: its slots are freed and it goes back to th
 queue, to be recomputed from prompt + output later (its output so far is kept and was already
 streamed).  Requests are validated on entry so that any single one fits the pool alone, which
 makes retraction always able to make progress.
+
+With a prefix cache (managers/prefix_cache.py), admission first takes the longest cached prefix
+of the request's tokens (its slots are shared and locked, not copied), and a request that
+finishes, is aborted or is retracted hands its KV to the cache instead of freeing it; the cache
+gives slots back, least recently used first, when an allocation finds the pool dry.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ class ScheduledChunk:
 
 
 class BatchPlanner:
-    def __init__(self, allocator, max_running_requests: int, max_step_tokens: int):
+    def __init__(self, allocator, max_running_requests: int, max_step_tokens: int, prefix_cache=None):
         self.allocator = allocator
+        self.prefix_cache = prefix_cache
         self.max_running_requests = max_running_requests
         self.max_step_tokens = max_step_tokens
         self.waiting: deque[Request] = deque()
@@ -38,11 +44,11 @@ class BatchPlanner:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
-    def release(self, req: Request) -> None:
-        """Free everything req holds and forget it (finished, aborted or failed)."""
-        if req.kv_slots:
-            self.allocator.free(req.kv_slots)
-            req.kv_slots = []
+    def release(self, req: Request, keep_kv: bool = True) -> None:
+        """Free everything req holds and forget it (finished, aborted or failed).  keep_kv:
+        the request's KV may go to the prefix cache (False after a failed forward pass, whose
+        KV is not trusted)."""
+        self._drop_kv(req, keep_kv)
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
@@ -85,8 +91,8 @@ class BatchPlanner:
                 break
             pending = req.uncached_ids()
             take = min(len(pending), budget)
-            if self.allocator.num_free < take:
-                take = self.allocator.num_free
+            if self.allocator.num_available < take:
+                take = self.allocator.num_available
                 if take <= 0:
                     break
             if not self._reserve(req, take, protect=chunks):
@@ -102,15 +108,19 @@ class BatchPlanner:
             return False
         first_chunk = min(num_tokens, self.max_step_tokens - len(self.running))
         headroom = len(self.running) * (1 + extra_slots_per_decode)
-        return first_chunk > 0 and self.allocator.num_free >= first_chunk + headroom
+        return first_chunk > 0 and self.allocator.num_available >= first_chunk + headroom
 
     def _admit(self, extra_slots_per_decode: int) -> None:
         budget = self.max_step_tokens - len(self.running)
         while self.waiting and len(self.running) < self.max_running_requests and budget > 0:
             req = self.waiting[0]
+            if self.prefix_cache is not None and req.prefix_handle is None:
+                self._take_prefix(req)
             first_chunk = min(req.num_uncached, budget)
             headroom = len(self.running) * (1 + extra_slots_per_decode)
-            if self.allocator.num_free < first_chunk + headroom:
+            if self.allocator.num_available < first_chunk + headroom:
+                if self.prefix_cache is not None:
+                    self._drop_kv(req)  # unlock the prefix while it waits
                 break
             self.waiting.popleft()
             self.running.append(req)
@@ -129,10 +139,38 @@ class BatchPlanner:
                 return False
             self.retract(victim)
 
-    def retract(self, req: Request) -> None:
-        self.allocator.free(req.kv_slots)
+    def _take_prefix(self, req: Request) -> None:
+        """Start req's KV from the longest cached prefix of its tokens (admission)."""
+        limit = req.num_tokens - 1  # one token is always fed: its row gives the next token
+        if req.cacheable_prefix is not None:
+            limit = min(limit, req.cacheable_prefix)
+        match = self.prefix_cache.match(req.all_ids, limit)
+        req.prefix_handle, req.prefix_len = match.node, len(match.slots)
+        req.kv_slots = list(match.slots)
+        req.draft_cached = match.draft_len
+        if req.retraction_count == 0:
+            req.cached_tokens = len(match.slots)
+
+    def _drop_kv(self, req: Request, keep_kv: bool = True) -> None:
+        """Give req's KV slots back: to the prefix cache (which keeps the computed tokens'
+        KV), or to the pool."""
+        cache = self.prefix_cache
+        if cache is None or req.prefix_handle is None:
+            if req.kv_slots:
+                self.allocator.free(req.kv_slots)
+        else:
+            # Slots past the output (drafts accepted beyond a stop) hold no kept token.
+            n = min(len(req.kv_slots), req.num_tokens) if keep_kv else req.prefix_len
+            if len(req.kv_slots) > n:
+                self.allocator.free(req.kv_slots[n:])
+            cache.release(req.prefix_handle, req.all_ids[:n], req.kv_slots[:n],
+                          min(req.draft_cached, n) if keep_kv else 0)
+            req.prefix_handle, req.prefix_len = None, 0
         req.kv_slots = []
         req.draft_cached = 0
+
+    def retract(self, req: Request) -> None:
+        self._drop_kv(req)
         req.retraction_count += 1
         self.num_retractions += 1
         self.running.remove(req)

@@ -22,9 +22,7 @@ class ControlHandler:
 
         name = type(msg).__name__
         if isinstance(msg, io.FlushCacheReqInput):
-            # faser_sgl keeps no prefix cache: KV lives only as long as its request, so there is
-            # never anything to flush.
-            return io.FlushCacheReqOutput(success=True)
+            return io.FlushCacheReqOutput(success=self.scheduler.flush_cache())
         if isinstance(msg, io.GetInternalStateReq):
             return io.GetInternalStateReqOutput(internal_state=self.scheduler.internal_state())
         if isinstance(msg, io.FreezeGCReq):

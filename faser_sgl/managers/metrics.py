@@ -45,6 +45,10 @@ class SchedulerMetrics:
         self.accept_length = histogram("faser:spec_accept_length",
                                        "Tokens emitted per verification pass (accepted drafts + 1)",
                                        ACCEPT_LENGTH_BUCKETS)
+        self.cache_hit_rate = gauge("faser:cache_hit_rate",
+                                    "Prompt tokens served from the prefix cache / prompt tokens looked up")
+        self.cached_slots = gauge("faser:kv_cached_slots", "KV slots the prefix cache holds")
+        self.cache_hit_tokens = counter("faser:cache_hit_tokens", "Prompt tokens whose KV came from the prefix cache")
         self.frontiers = histogram("faser:spec_frontiers_per_step", "Draft frontiers verified per step",
                                    FRONTIER_BUCKETS)
 
@@ -59,6 +63,12 @@ class SchedulerMetrics:
             self.generated_tokens.inc(new_tokens)
         if finished:
             self.finished_reqs.inc(finished)
+
+    def observe_cache(self, cache, hit_tokens_before: int) -> None:
+        self.cache_hit_rate.set(cache.num_hit_tokens / cache.num_query_tokens if cache.num_query_tokens else 0.0)
+        self.cached_slots.set(cache.cached_size)
+        if cache.num_hit_tokens > hit_tokens_before:
+            self.cache_hit_tokens.inc(cache.num_hit_tokens - hit_tokens_before)
 
     def observe_verification(self, drafted: int, accepted: int) -> None:
         self.verify_passes.inc()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from array import array
 
+from faser_sgl.managers.logprobs import message_fields
 from faser_sgl.managers.request import PROMPT_TAIL_FOR_DETOKENIZER, Request
 
 
@@ -45,7 +46,7 @@ def build_output(reqs: list[Request], speculative: bool):
         if req.finished:
             req.finish_sent = True
 
-    empty = [[] for _ in range(n)]
+    logprob_fields = message_fields([r.logprobs for r in reqs], [r.finished for r in reqs])
     out = BatchTokenIDOutput(
         rids=[r.rid for r in reqs],
         http_worker_ipcs=[r.http_worker_ipc for r in reqs],
@@ -60,19 +61,8 @@ def build_output(reqs: list[Request], speculative: bool):
         prompt_tokens=[len(r.prompt_ids) for r in reqs],
         reasoning_tokens=[0] * n,
         completion_tokens=[len(r.output_ids) for r in reqs],
-        cached_tokens=[0] * n,
-        input_token_logprobs_val=empty,
-        input_token_logprobs_idx=[[] for _ in range(n)],
-        output_token_logprobs_val=[[] for _ in range(n)],
-        output_token_logprobs_idx=[[] for _ in range(n)],
-        input_top_logprobs_val=[[] for _ in range(n)],
-        input_top_logprobs_idx=[[] for _ in range(n)],
-        output_top_logprobs_val=[[] for _ in range(n)],
-        output_top_logprobs_idx=[[] for _ in range(n)],
-        input_token_ids_logprobs_val=[[] for _ in range(n)],
-        input_token_ids_logprobs_idx=[[] for _ in range(n)],
-        output_token_ids_logprobs_val=[[] for _ in range(n)],
-        output_token_ids_logprobs_idx=[[] for _ in range(n)],
+        cached_tokens=[r.cached_tokens for r in reqs],
+        **logprob_fields,
         output_token_entropy_val=None,
         output_token_sampling_mask=None,
         output_hidden_states=None,

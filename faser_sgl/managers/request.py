@@ -86,6 +86,18 @@ class Request:
     # (successes, trials) of draft-token acceptance with old samples decayed: the adaptive
     # policy's estimate of this request's acceptance rate.
     spec_accept_stats: tuple[float, float] = (0.0, 0.0)
+    # Logprobs asked for (managers/logprobs.LogprobState) and the grammar constraining the
+    # output (managers/grammar.GrammarState), or None.
+    logprobs: Any = None
+    grammar: Any = None
+    # Prefix cache: prompt tokens whose KV came from the cache at first admission (meta_info's
+    # cached_tokens), and the cache's handle on the prefix this request holds (locked).
+    cached_tokens: int = 0
+    prefix_handle: Any = None
+    prefix_len: int = 0  # leading kv_slots shared with the cache (never freed by the request)
+    # How many leading prompt tokens may come from the cache (input logprobs need the rest
+    # computed; one token is always fed, its row samples the first output token).
+    cacheable_prefix: Optional[int] = None
 
     @property
     def all_ids(self) -> list[int]:

@@ -20,6 +20,9 @@ import torch
 
 from faser_sgl.managers.batch_planner import BatchPlanner
 from faser_sgl.managers.control import ControlHandler
+from faser_sgl.managers.grammar import GrammarBackend, GrammarError
+from faser_sgl.managers.logprobs import make_state as make_logprob_state
+from faser_sgl.managers.logprobs import start_input as start_input_logprobs
 from faser_sgl.managers.output_builder import build_output, should_send
 from faser_sgl.managers.request import (Request, StopConditions, finish_abort, finish_length,
                                         uses_coupled_sampling)
@@ -35,6 +38,23 @@ IDLE_POLL_MS = 200
 
 class BadRequest(ValueError):
     """A request the scheduler refuses; the client gets HTTP 400 with this message."""
+
+
+def unsupported_feature(msg) -> str | None:
+    """The name of a feature msg asks for that faser_sgl does not serve, or None."""
+    if getattr(msg, "input_embeds", None) is not None:
+        return "input_embeds (embedding input)"
+    if getattr(msg, "mm_inputs", None) is not None:
+        return "multimodal input (images, video, audio)"
+    if getattr(msg, "lora_id", None) is not None or getattr(msg, "lora_path", None) is not None:
+        return "LoRA adapters (lora_path)"
+    if getattr(msg, "session_id", None) is not None or getattr(msg, "session_params", None):
+        return "sessions (session_params)"
+    if getattr(msg, "custom_logit_processor", None):
+        return "custom_logit_processor"
+    if getattr(msg, "return_hidden_states", False):
+        return "return_hidden_states"
+    return None
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -97,13 +117,21 @@ class Scheduler:
             if self.tokenizer.eos_token_id is not None:
                 self.eos_token_ids.add(self.tokenizer.eos_token_id)
 
+        self._grammar_backend = None  # built on the first constrained request (grammar_backend)
         self.allocator = self.runner.allocator
         self.pool_size = self.allocator.num_total
         self.max_running_requests = server_args.max_running_requests or 64
+        # SGLang's radix prefix cache, on unless --disable-radix-cache (managers/prefix_cache.py).
+        self.prefix_cache = None
+        if not getattr(server_args, "disable_radix_cache", False):
+            from faser_sgl.managers.prefix_cache import PrefixCache
+
+            self.prefix_cache = PrefixCache(self.allocator)
         self.planner = BatchPlanner(
             self.allocator,
             max_running_requests=self.max_running_requests,
             max_step_tokens=server_args.chunked_prefill_size or options.max_step_tokens,
+            prefix_cache=self.prefix_cache,
         )
         self.sampler = Sampler()
         self.stop_checker = StopChecker(self.tokenizer)
@@ -140,6 +168,7 @@ class Scheduler:
                 self.generator.on_draft_lengths = self.metrics.observe_draft_lengths
                 self.generator.on_early_exit = self.metrics.early_exited_tokens.inc
         self._last_retractions = 0
+        self._last_hit_tokens = 0
         self.sockets = sockets
         self._inbox: list[tuple[object, bool]] = []  # read during a step, handled after it
         self._preempted_last_step = False
@@ -151,6 +180,14 @@ class Scheduler:
                       "num_aborted_requests": 0}
         self._throughput_window = (time.monotonic(), 0)
         self.last_gen_throughput = 0.0
+
+    @property
+    def grammar_backend(self):
+        """xgrammar over the tokenizer's vocabulary, built when first needed (it indexes the
+        whole vocabulary once); None without a tokenizer."""
+        if self._grammar_backend is None and self.tokenizer is not None:
+            self._grammar_backend = GrammarBackend(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
+        return self._grammar_backend
 
     # -- handshake ---------------------------------------------------------------------------
     @property
@@ -229,8 +266,9 @@ class Scheduler:
         except Exception as err:  # invalid sampling values and the like
             self.reject(msg, f"invalid request: {err}")
             return
-        if req.stop.max_new_tokens == 0:
-            # Prefix-only requests (n>1 fan-out, frontend prefill): nothing to generate.
+        if req.stop.max_new_tokens == 0 and req.logprobs is None and self.prefix_cache is None:
+            # Prefix-only requests (n>1 fan-out, frontend prefill) with nothing to compute:
+            # no input logprobs asked, no cache to warm.
             req.finished_reason = finish_length(0)
             self.send_outputs([req])
             return
@@ -240,14 +278,9 @@ class Scheduler:
         from faser_sgl.executor.sampler import SamplingOptions
 
         sp = msg.sampling_params
-        if msg.input_embeds is not None or msg.mm_inputs is not None:
-            raise BadRequest("input_embeds and multimodal inputs are not supported by faser_sgl")
-        if msg.session_id is not None or msg.lora_id is not None:
-            raise BadRequest("sessions and LoRA adapters are not supported by faser_sgl")
-        if msg.return_logprob or getattr(msg, "return_hidden_states", False):
-            raise BadRequest("return_logprob / return_hidden_states are not supported by faser_sgl yet")
-        if any(getattr(sp, k, None) for k in ("json_schema", "regex", "ebnf", "structural_tag")):
-            raise BadRequest("constrained decoding (json_schema/regex/ebnf) is not supported by faser_sgl")
+        refused = unsupported_feature(msg)
+        if refused:
+            raise BadRequest(f"{refused} is not supported by faser_sgl")
         prompt = [int(t) for t in (msg.input_ids or [])]
         if not prompt:
             raise BadRequest("the prompt is empty: send text or at least one input id")
@@ -287,7 +320,25 @@ class Scheduler:
         draft_len = custom.get("num_draft_tokens") if isinstance(custom, dict) else None
         if draft_len is not None and (not isinstance(draft_len, int) or not 0 <= draft_len <= 64):
             raise BadRequest(f"custom_params.num_draft_tokens must be an integer in [0, 64], got {draft_len!r}")
-        return Request(
+        try:
+            logprob_state = make_logprob_state(bool(msg.return_logprob), msg.logprob_start_len,
+                                               msg.top_logprobs_num, msg.token_ids_logprob,
+                                               len(prompt), self.vocab_size,
+                                               prefill_only=stop.max_new_tokens == 0)
+        except ValueError as err:
+            raise BadRequest(str(err)) from None
+        start_input_logprobs(logprob_state, prompt)
+        grammar = None
+        spec = GrammarBackend.spec_of(sp)
+        if spec is not None:
+            if self.grammar_backend is None:
+                raise BadRequest("constrained decoding needs the tokenizer (the server runs with "
+                                 "--skip-tokenizer-init)")
+            try:
+                grammar = self.grammar_backend.new_state(*spec)
+            except GrammarError as err:
+                raise BadRequest(str(err)) from None
+        req = Request(
             rid=msg.rid,
             http_worker_ipc=msg.http_worker_ipc,
             prompt_ids=prompt,
@@ -299,6 +350,11 @@ class Scheduler:
             no_stop_trim=sp.no_stop_trim,
             requested_draft_len=draft_len,
         )
+        req.logprobs, req.grammar = logprob_state, grammar
+        if logprob_state is not None and logprob_state.wants_input:
+            # Input logprobs need the rows from logprob_start_len on computed, not cached.
+            req.cacheable_prefix = logprob_state.cacheable_prefix
+        return req
 
     def reject(self, msg, message: str) -> None:
         """Answer a request that never entered the queue with an HTTP 400 error."""
@@ -344,7 +400,7 @@ class Scheduler:
             logger.error("forward pass failed:\n%s", traceback.format_exc())
             failed = [c.req for c in chunks]
             for req in failed:
-                self.planner.release(req)
+                self.planner.release(req, keep_kv=False)
                 req.finished_reason = finish_abort("internal error in the forward pass",
                                                    HTTPStatus.INTERNAL_SERVER_ERROR)
             self.send_outputs(failed)
@@ -373,10 +429,13 @@ class Scheduler:
         m = self.metrics
         m.observe_step(
             running=len(self.planner.running), waiting=len(self.planner.waiting),
-            used_slots=self.allocator.num_used, total_slots=self.pool_size,
+            used_slots=self.pool_size - self.allocator.num_available, total_slots=self.pool_size,
             step_tokens=sum(len(c.tokens) for c in chunks),
             new_tokens=self.stats["num_generated_tokens"] - generated_before,
             finished=self.stats["num_finished_requests"] - finished_before)
+        if self.prefix_cache is not None:
+            m.observe_cache(self.prefix_cache, self._last_hit_tokens)
+            self._last_hit_tokens = self.prefix_cache.num_hit_tokens
         if self.planner.num_retractions > self._last_retractions:
             m.retractions.inc(self.planner.num_retractions - self._last_retractions)
             self._last_retractions = self.planner.num_retractions
@@ -413,6 +472,26 @@ class Scheduler:
             "spec_early_exit": gen.early_exit.stats.as_dict() if getattr(gen, "early_exit", None) else None,
         }
 
+    def _cache_stats(self) -> dict:
+        cache = self.prefix_cache
+        if cache is None:
+            return {"prefix_cache": False}
+        return {
+            "prefix_cache": True,
+            "kv_cached_slots": cache.cached_size,
+            "kv_evictable_slots": cache.evictable_size,
+            "prefix_cache_hit_tokens": cache.num_hit_tokens,
+            "prefix_cache_query_tokens": cache.num_query_tokens,
+            "prefix_cache_hit_rate": cache.num_hit_tokens / cache.num_query_tokens if cache.num_query_tokens else 0.0,
+        }
+
+    def flush_cache(self) -> bool:
+        """/flush_cache: drop the prefix cache's KV (SGLang's rule: only while no request is
+        running or waiting)."""
+        if self.planner.has_work():
+            return False
+        return self.prefix_cache.flush() if self.prefix_cache is not None else True
+
     def internal_state(self) -> dict:
         return {
             "backend": "faser_sgl",
@@ -420,8 +499,11 @@ class Scheduler:
             **self._spec_stats(),
             "max_total_num_tokens": self.pool_size,
             "kv_total_slots": self.pool_size,
-            "kv_free_slots": self.allocator.num_free,
-            "kv_used_slots": self.allocator.num_used,
+            # Free = what requests can get: unused slots + those only the prefix cache holds
+            # (it gives them up on demand); used = held by requests (or locked for them).
+            "kv_free_slots": self.allocator.num_available,
+            "kv_used_slots": self.pool_size - self.allocator.num_available,
+            **self._cache_stats(),
             "num_running_reqs": len(self.planner.running),
             "num_waiting_reqs": len(self.planner.waiting),
             "num_retractions": self.planner.num_retractions,

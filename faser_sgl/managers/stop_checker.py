@@ -21,6 +21,11 @@ class StopChecker:
 
         Sets req.finished_reason when the request finished; returns the number appended.
         """
+        if len(req.output_ids) >= req.stop.max_new_tokens:
+            # max_new_tokens=0 (a prefill-only request: input logprobs, prefix caching): the
+            # prompt's last row was computed, its token is not output.
+            req.finished_reason = finish_length(req.stop.max_new_tokens)
+            return 0
         for i, token in enumerate(new_tokens):
             req.output_ids.append(token)
             reason = self._finish_reason(req, token)

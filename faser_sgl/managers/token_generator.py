@@ -7,6 +7,8 @@ produce several tokens per request per step through the same (chunks in, tokens 
 from __future__ import annotations
 
 from faser_sgl.executor.forward_batch import ForwardBatch
+from faser_sgl.managers import logprobs
+from faser_sgl.managers.grammar import apply_mask
 from faser_sgl.managers.batch_planner import ScheduledChunk
 from faser_sgl.managers.request import Request
 
@@ -22,22 +24,38 @@ class TargetOnlyGenerator:
         append it (stop checker) and return what was appended."""
         if not chunks:
             return {}
+        plan = logprobs.input_row_plan(chunks)
+        rows = [extra + ([len(c.tokens) - 1] if c.needs_logits else []) for extra, c in zip(plan, chunks)]
         batch = ForwardBatch.build(
             new_tokens=[c.tokens for c in chunks],
             kv_slots=[c.req.kv_slots for c in chunks],
-            logits_rows=[[len(c.tokens) - 1] if c.needs_logits else [] for c in chunks],
+            logits_rows=rows,
         )
         logits = self.runner.forward(batch)
+        logits = logprobs.consume_input_rows(chunks, plan, [len(r) for r in rows], logits)
         sampled_reqs = [c.req for c in chunks if c.needs_logits]
         if not sampled_reqs:
             return {}
+        if any(r.grammar is not None for r in sampled_reqs):
+            logits = logits.clone()  # (the forward's output is an inference tensor)
+            for i, req in enumerate(sampled_reqs):
+                if req.grammar is not None:  # forbidden tokens get -inf, for logprobs too
+                    apply_mask(logits[i], req.grammar.mask())
+        histories = [list(r.output_ids) for r in sampled_reqs]
         tokens = self.sampler.sample(
             logits,
             [r.sampling for r in sampled_reqs],
-            [r.output_ids for r in sampled_reqs],
+            histories,
             [r.prompt_ids for r in sampled_reqs],
         )
         out = {}
-        for req, token in zip(sampled_reqs, tokens.tolist()):
-            out[req] = [token][: self.stop_checker.append(req, [token])]
+        for i, (req, token) in enumerate(zip(sampled_reqs, tokens.tolist())):
+            kept = self.stop_checker.append(req, [token])
+            if kept and req.logprobs is not None:
+                req.logprobs.outputs.extend(logprobs.emitted_entries(
+                    self.sampler, req, logits[i: i + 1], histories[i: i + 1], [token]))
+            if kept and req.grammar is not None:
+                req.grammar.commit([token])
+            out[req] = [token][:kept]
         return out
+

@@ -169,6 +169,7 @@ class _Run:
     size: int  # its frontier size
     base: int  # KV slots up to its newest token
     emitted: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # figures of emitted, if the request asked
     accepted: int = 0
     tested: int = 0  # drafts verified at full depth
     held: torch.Tensor | None = None  # the target's row after the last verified token
@@ -361,6 +362,7 @@ class FrontierGenerator(SpeculativeGenerator):
         if run.k == 0:  # a plain decode riding along: its one row gives its token
             emitted, _ = self._accept(q, [], rows, None)
             run.emitted, run.done = emitted, True
+            run.logprobs = self._emitted_logprobs.pop(id(q), [])
             return
         scored = v.verified if v is not None else end - (start if r == 0 else start + 1)
         count = scored + (0 if r == 0 else 1)  # drafts tested now
@@ -370,6 +372,8 @@ class FrontierGenerator(SpeculativeGenerator):
         test = drafts[id(q)][start: start + count]
         emitted, accepted = self._accept(q, test, rows, probs[id(q)][start: start + count], bonus,
                                          prefix=run.emitted)
+        figures = self._emitted_logprobs.pop(id(q), [])
+        before = len(run.emitted)
         if v is not None:
             self.early_exit.record_outcome(v, accepted - (0 if r == 0 else 1))
         run.tested += count
@@ -389,6 +393,7 @@ class FrontierGenerator(SpeculativeGenerator):
         else:
             run.emitted += emitted
             run.done = True
+        run.logprobs += figures[: len(run.emitted) - before]
 
     def _finish(self, decodes, runs) -> dict[Request, list[int]]:
         """Append what each request emitted, give back the slots of drafts not kept."""
@@ -397,7 +402,9 @@ class FrontierGenerator(SpeculativeGenerator):
             run = runs[id(q)]
             if self.early_exit is not None and run.k and hasattr(self.policy, "observe_pruning"):
                 self.policy.observe_pruning(run.k, run.pruned_from, run.skipped)
-            kept = self.stop_checker.append(q, run.emitted)
+            if run.logprobs:
+                self._emitted_logprobs[id(q)] = run.logprobs
+            kept = self._commit(q, run.emitted)
             if run.k > 0:
                 full_kv = run.accepted if run.keep_last_kv else run.accepted - 1
                 rejected = run.k - full_kv

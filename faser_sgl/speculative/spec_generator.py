@@ -37,6 +37,8 @@ import torch
 
 from faser_sgl import kernels
 from faser_sgl.executor.forward_batch import ForwardBatch
+from faser_sgl.managers import logprobs
+from faser_sgl.managers.grammar import apply_mask
 from faser_sgl.managers.batch_planner import ScheduledChunk
 from faser_sgl.managers.request import Request
 from faser_sgl.speculative.adaptive import CostCurve, expected_tokens
@@ -75,6 +77,12 @@ class SpeculativeGenerator:
         self.should_yield = None
         self.num_preempted_steps = 0
         self._draft_confidence: dict[int, list[float]] = {}  # per request, this step's drafts
+        # Constrained requests: the grammar's mask before each of this step's draft positions
+        # (recorded while drafting: the draft samples under it, and the target's row at that
+        # position is verified under it).
+        self._grammar_masks: dict[int, list[torch.Tensor]] = {}
+        # Logprob figures of each request's emitted tokens this step (requests that asked).
+        self._emitted_logprobs: dict[int, list] = {}
         # A list to record every timed pass as (model, thread name, start, end), or None.
         self.trace: list[tuple[str, str, float, float]] | None = None
 
@@ -206,9 +214,11 @@ class SpeculativeGenerator:
             self._abandon_drafts(decodes, lengths)
             return None
 
-        # Target pass: prefill chunks as planned; decodes feed newest token + drafts.
+        # Target pass: prefill chunks as planned (with rows for input logprobs where asked);
+        # decodes feed newest token + drafts.
+        plan = logprobs.input_row_plan(chunks)
         feeds, slot_lists, rows, verifications = [], [], [], {}
-        for c in chunks:
+        for c, extra in zip(chunks, plan):
             k = k_of.get(id(c.req), 0)
             if k and self.early_exit is not None:
                 verifications[id(c.req)] = Verification(
@@ -219,9 +229,9 @@ class SpeculativeGenerator:
             feeds.append(tokens)
             slot_lists.append(c.req.kv_slots)
             if c.needs_logits:
-                rows.append(list(range(len(tokens) - 1 - k, len(tokens))))
+                rows.append(extra + list(range(len(tokens) - 1 - k, len(tokens))))
             else:
-                rows.append([])
+                rows.append(extra)
         batch = ForwardBatch.build(feeds, slot_lists, rows)
         if verifications:
             logits = self._timed("target", feeds, self.early_exit.forward, batch, list(verifications.values()),
@@ -232,6 +242,9 @@ class SpeculativeGenerator:
                 self.on_early_exit(pruned)
         else:
             logits = self._timed("target", feeds, self.target.forward, batch)
+        counts = [verifications[id(c.req)].rows if id(c.req) in verifications else len(r)
+                  for c, r in zip(chunks, rows)]
+        logits = logprobs.consume_input_rows(chunks, plan, counts, logits)
 
         out: dict[Request, list[int]] = {}
         offset = 0
@@ -253,7 +266,7 @@ class SpeculativeGenerator:
                 if hasattr(self.policy, "observe_pruning"):
                     skipped = 0.0 if v.pruned_at is None else 1.0 - v.pruned_at / self.target.model.num_layers
                     self.policy.observe_pruning(k, v.verified if v.pruned_at is not None else None, skipped)
-            kept = self.stop_checker.append(req, emitted)
+            kept = self._commit(req, emitted)
             if k > 0:
                 # Roll back: the slots (both caches) of rejected and pruned drafts return to the
                 # pool.  A fully accepted draft whose bonus row was pruned also gives back the
@@ -270,6 +283,27 @@ class SpeculativeGenerator:
         # Prefill-only chunks: nothing to emit (the draft sees their tokens when they draft).
         return out
 
+    def _commit(self, req: Request, emitted: list[int]) -> int:
+        """Append the step's emitted tokens up to the stop condition, with their logprobs, and
+        move the request's grammar to its output; returns how many were kept."""
+        kept = self.stop_checker.append(req, emitted)
+        entries = self._emitted_logprobs.pop(id(req), None)
+        if entries:
+            req.logprobs.outputs.extend(entries[:kept])
+        self._grammar_masks.pop(id(req), None)
+        if req.grammar is not None:
+            req.grammar.commit(emitted[:kept])
+        return kept
+
+    def _grammar_mask(self, req: Request, position: int) -> torch.Tensor:
+        """The grammar's mask before the step's draft position ``position`` (0: the token after
+        the request's output).  Recorded while drafting; the one after the last draft is taken
+        now, when the grammar stands right after the drafts made so far."""
+        masks = self._grammar_masks.setdefault(id(req), [])
+        if position == len(masks):
+            masks.append(req.grammar.mask())
+        return masks[position]
+
     def _abandon_drafts(self, decodes: list[Request], lengths: list[int]) -> None:
         """Undo a preempted draft phase: the draft slots go back to the pool, and the draft
         cache forgets the draft tokens and the newest token, whose slot the caller takes back
@@ -277,6 +311,9 @@ class SpeculativeGenerator:
         self.num_preempted_steps += 1
         for req, k in zip(decodes, lengths):
             self._draft_confidence.pop(id(req), None)
+            self._grammar_masks.pop(id(req), None)
+            if req.grammar is not None:
+                req.grammar.rollback()
             if k:
                 self.allocator.free(req.kv_slots[-k:])
                 del req.kv_slots[-k:]
@@ -393,9 +430,20 @@ class SpeculativeGenerator:
         the request's own generator, or by coupled Gumbel-max at the token's output position."""
         histories = [r.output_ids + drafts[id(r)] for r in reqs]
         opts = [r.sampling for r in reqs]
+        constrained = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        if constrained:
+            logits = logits.clone()  # (the forward's output is an inference tensor)
+        for i in constrained:  # the draft proposes under the grammar, as the target decides
+            mask = self._grammar_mask(reqs[i], len(drafts[id(reqs[i])]))
+            width = logits.shape[1]  # the draft's vocabulary may be padded differently
+            if mask.numel() != width:
+                mask = torch.cat([mask, mask.new_zeros(max(0, width - mask.numel()))])[:width]
+            apply_mask(logits[i], mask)
         q = self.sampler.probs(logits, opts, histories, [r.prompt_ids for r in reqs])
         drawn = self.sampler.draw(q, opts, histories)
         tokens = drawn.tolist()
+        for i in constrained:
+            reqs[i].grammar.advance(tokens[i])
         top = None
         if self.early_exit is not None:
             alternatives = logits.topk(self.early_exit.config.num_candidates, dim=-1).indices
@@ -419,6 +467,13 @@ class SpeculativeGenerator:
         and a fully accepted draft simply ends the pass without a bonus token.  ``prefix``: drafts
         of this step already accepted before ``draft`` (a pipeline verifies in frontiers)."""
         k = len(draft)
+        if req.grammar is not None:
+            # Row j is the target's choice after the drafts before it: masked by the grammar's
+            # state there (a copy: the caller may hold a row for the next frontier).
+            n_rows = logits.shape[0]
+            masks = torch.stack([self._grammar_mask(req, len(prefix) + j) for j in range(n_rows)])
+            logits = logits.clone()
+            apply_mask(logits, masks)
         if not bonus:
             logits = torch.cat([logits, logits[-1:]])
         histories = [req.output_ids + list(prefix) + draft[:j] for j in range(k + 1)]
@@ -443,4 +498,6 @@ class SpeculativeGenerator:
         accepted = len(emitted) - 1
         if not bonus and accepted == k:
             emitted = emitted[:k]
+        if req.logprobs is not None:
+            self._emitted_logprobs[id(req)] = logprobs.emitted_entries(self.sampler, req, logits, histories, emitted)
         return emitted, accepted
