@@ -61,11 +61,13 @@ def test_concurrent_requests_tight_pool_and_aborts(tiny_model_path, partial_draf
     rng = random.Random(7)
     prompts = [SHARED[: rng.randint(8, 48)] + [rng.randrange(3, 500) for _ in range(rng.randint(1, 6))]
                for _ in range(14)]
+    lp = {"start_len": 2, "top_num": 1, "token_ids": None}
     ref_engine = OfflineEngine(tiny_model_path, policy="none", kv_slots=2048)
-    ref = ref_engine.run([ref_engine.make_request(p, 20, temperature=0.0) for p in prompts])
+    ref_reqs = [ref_engine.make_request(p, 20, temperature=0.0, logprobs=lp) for p in prompts]
+    ref = ref_engine.run(ref_reqs)
     engine = OfflineEngine(tiny_model_path, partial_draft_path, policy="fixed", num_draft_tokens=3,
                            kv_slots=160, max_running=8, prefix_cache=True)
-    reqs = [engine.make_request(p, 20, temperature=0.0) for p in prompts]
+    reqs = [engine.make_request(p, 20, temperature=0.0, logprobs=lp) for p in prompts]
     for r in reqs:
         engine.planner.add(r)
     steps, aborted = 0, set()
@@ -76,9 +78,14 @@ def test_concurrent_requests_tight_pool_and_aborts(tiny_model_path, partial_draf
             victim = next(r for r in reqs if not r.finished)
             aborted |= {r.rid for r in engine.abort(victim.rid)}  # by rid prefix
     assert engine.planner.num_retractions > 0
-    for r, expected in zip(reqs, ref):
+    for r, expected, r_ref in zip(reqs, ref, ref_reqs):
         if r.rid not in aborted:
             assert r.output_ids == expected
+            # Retracted and recomputed, or served from the cache: each logprob once, the same.
+            got = [e.value for e in r.logprobs.inputs + r.logprobs.outputs]
+            want = [e.value for e in r_ref.logprobs.inputs + r_ref.logprobs.outputs]
+            assert len(r.logprobs.inputs) == len(r.prompt_ids) - 2
+            assert got == pytest.approx(want, abs=2e-4)
     assert sum(r.cached_tokens for r in reqs) > 0
     assert_all_returned(engine)
     assert engine.prefix_cache.flush()
