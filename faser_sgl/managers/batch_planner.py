@@ -119,8 +119,8 @@ class BatchPlanner:
             first_chunk = min(req.num_uncached, budget)
             headroom = len(self.running) * (1 + extra_slots_per_decode)
             if self.allocator.num_available < first_chunk + headroom:
-                if self.prefix_cache is not None:
-                    self._drop_kv(req)  # unlock the prefix while it waits
+                # It keeps its matched prefix (locked) while it waits: the cache's hit counts
+                # stay one lookup per admission, and the prefix it will need is not evicted.
                 break
             self.waiting.popleft()
             self.running.append(req)
