@@ -41,21 +41,19 @@ class TargetOnlyGenerator:
             for i, req in enumerate(sampled_reqs):
                 if req.grammar is not None:  # forbidden tokens get -inf, for logprobs too
                     apply_mask(logits[i], req.grammar.mask())
-        histories = [list(r.output_ids) for r in sampled_reqs]
         tokens = self.sampler.sample(
             logits,
             [r.sampling for r in sampled_reqs],
-            histories,
+            [r.output_ids for r in sampled_reqs],
             [r.prompt_ids for r in sampled_reqs],
         )
         out = {}
         for i, (req, token) in enumerate(zip(sampled_reqs, tokens.tolist())):
             kept = self.stop_checker.append(req, [token])
-            if kept and req.logprobs is not None:
+            if kept and req.logprobs is not None:  # (its history: the output before the token)
                 req.logprobs.outputs.extend(logprobs.emitted_entries(
-                    self.sampler, req, logits[i: i + 1], histories[i: i + 1], [token]))
+                    self.sampler, req, logits[i: i + 1], [req.output_ids[:-1]], [token]))
             if kept and req.grammar is not None:
                 req.grammar.commit([token])
             out[req] = [token][:kept]
         return out
-
