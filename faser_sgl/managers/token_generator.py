@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from faser_sgl.executor.forward_batch import ForwardBatch
 from faser_sgl.managers import logprobs
-from faser_sgl.managers.grammar import apply_mask
 from faser_sgl.managers.batch_planner import ScheduledChunk
 from faser_sgl.managers.request import Request
 
@@ -37,6 +36,8 @@ class TargetOnlyGenerator:
         if not sampled_reqs:
             return {}
         if any(r.grammar is not None for r in sampled_reqs):
+            from faser_sgl.managers.grammar import apply_mask  # (xgrammar: only with grammars)
+
             logits = logits.clone()  # (the forward's output is an inference tensor)
             for i, req in enumerate(sampled_reqs):
                 if req.grammar is not None:  # forbidden tokens get -inf, for logprobs too

@@ -38,7 +38,6 @@ import torch
 from faser_sgl import kernels
 from faser_sgl.executor.forward_batch import ForwardBatch
 from faser_sgl.managers import logprobs
-from faser_sgl.managers.grammar import apply_mask
 from faser_sgl.managers.batch_planner import ScheduledChunk
 from faser_sgl.managers.request import Request
 from faser_sgl.speculative.adaptive import CostCurve, expected_tokens
@@ -432,6 +431,8 @@ class SpeculativeGenerator:
         opts = [r.sampling for r in reqs]
         constrained = [i for i, r in enumerate(reqs) if r.grammar is not None]
         if constrained:
+            from faser_sgl.managers.grammar import apply_mask  # (xgrammar: only with grammars)
+
             logits = logits.clone()  # (the forward's output is an inference tensor)
         for i in constrained:  # the draft proposes under the grammar, as the target decides
             mask = self._grammar_mask(reqs[i], len(drafts[id(reqs[i])]))
@@ -468,6 +469,8 @@ class SpeculativeGenerator:
         of this step already accepted before ``draft`` (a pipeline verifies in frontiers)."""
         k = len(draft)
         if req.grammar is not None:
+            from faser_sgl.managers.grammar import apply_mask
+
             # Row j is the target's choice after the drafts before it: masked by the grammar's
             # state there (a copy: the caller may hold a row for the next frontier).
             n_rows = logits.shape[0]
