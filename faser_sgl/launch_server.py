@@ -82,11 +82,15 @@ def main(argv: list[str] | None = None) -> None:
     server_args, options = prepare_args(sys.argv[1:] if argv is None else argv)
     options.to_env()
 
-    from sglang.srt.entrypoints.http_server import launch_server
+    from sglang.srt.entrypoints.http_server import app, launch_server
     from sglang.srt.utils import kill_process_tree
 
+    from faser_sgl.managers import tokenizer_hooks
+    from faser_sgl.managers.lifecycle import ShutdownGate
     from faser_sgl.managers.scheduler import run_scheduler_process
     from faser_sgl.managers.tokenizer_hooks import init_faser_tokenizer_manager
+
+    app.add_middleware(ShutdownGate, manager=lambda: tokenizer_hooks.ACTIVE)
 
     try:
         launch_server(server_args, init_tokenizer_manager_func=init_faser_tokenizer_manager,

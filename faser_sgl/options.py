@@ -64,6 +64,9 @@ class FaserOptions:
     # draft side of the hardware split: None (candidates, chosen per step) or cores / SMs.
     frontier_size: str = "default"
     pipeline_split: int | None = None
+    # SIGTERM: seconds the running requests get to finish before the rest are aborted
+    # (managers/lifecycle.py); new requests are refused with 503 from the signal on.
+    shutdown_timeout: float = 30.0
 
     @property
     def frontier_size_value(self) -> int | None:
@@ -163,6 +166,9 @@ class FaserOptions:
                                 "runs: CPU cores (the target keeps the rest) or SMs on a GPU (green "
                                 "contexts); 0: no partition (shared cores, plain CUDA streams); "
                                 "'auto': a few candidates measured at start-up and chosen per step")
+        group.add_argument("--faser-shutdown-timeout", type=float, default=FaserOptions.shutdown_timeout,
+                           help="on SIGTERM, refuse new requests (503) and give the running ones this "
+                                "many seconds to finish; the rest are aborted, then the server exits 0")
         group.add_argument("--faser-exit-diagnostic", action="store_true",
                            help="run verification at full depth and only record what early exit "
                                 "would have pruned (precision/recall in /get_server_info)")
@@ -175,6 +181,8 @@ class FaserOptions:
             raise SystemExit("--speculative-num-draft-tokens must be at least 1")
         if args.faser_early_exit and args.speculative_policy == "none":
             raise SystemExit("--faser-early-exit needs a speculative policy (fixed, adaptive or faser)")
+        if not args.faser_shutdown_timeout >= 0:
+            raise SystemExit("--faser-shutdown-timeout must be a number of seconds >= 0")
         if args.faser_exit_candidates < 1:
             raise SystemExit("--faser-exit-candidates must be at least 1")
         layers = args.faser_exit_layers
@@ -234,4 +242,5 @@ class FaserOptions:
             exit_diagnostic=args.faser_exit_diagnostic,
             frontier_size=frontier,
             pipeline_split=split,
+            shutdown_timeout=args.faser_shutdown_timeout,
         )

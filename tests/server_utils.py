@@ -11,9 +11,10 @@ from faser_sgl.bench.server_process import Server
 
 
 def start_server(model_path: str, log_dir: Path, extra_args: list[str] | None = None,
-                 timeout: float = 300.0) -> Server:
+                 timeout: float = 300.0, **kwargs) -> Server:
+    """kwargs: env, host, api_key (faser_sgl.bench.server_process.start_server)."""
     return server_process.start_server(["--model-path", str(model_path), *(extra_args or [])],
-                                       log_dir, timeout)
+                                       log_dir, timeout, **kwargs)
 
 
 def stream_events(response) -> list[dict]:

@@ -59,14 +59,17 @@ class Server:
             self.proc.wait(timeout=20)
 
 
-def start_server(server_args: list[str], log_dir: Path, timeout: float = 600.0) -> Server:
+def start_server(server_args: list[str], log_dir: Path, timeout: float = 600.0,
+                 env: dict[str, str] | None = None, host: str | None = "127.0.0.1",
+                 api_key: str | None = None) -> Server:
     """Launch ``python -m faser_sgl.launch_server *server_args`` on a free port and return once a
-    real generation has gone through (``/health`` answers before warm-up ends)."""
+    real generation has gone through (``/health`` answers before warm-up ends).  env: extra
+    environment variables; host None: the server's default; api_key: sent on the warm-up."""
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{port}.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "faser_sgl.launch_server", "--host", "127.0.0.1",
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
+    cmd = [sys.executable, "-m", "faser_sgl.launch_server", *(["--host", host] if host else []),
            "--port", str(port), *server_args]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -79,6 +82,7 @@ def start_server(server_args: list[str], log_dir: Path, timeout: float = 600.0) 
         try:
             if requests.get(f"{server.base_url}/health", timeout=5).status_code == 200:
                 r = requests.post(f"{server.base_url}/generate", timeout=120,
+                                  headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
                                   json={"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 1}})
                 if r.status_code == 200:
                     return server

@@ -110,10 +110,19 @@ class BatchPlanner:
         headroom = len(self.running) * (1 + extra_slots_per_decode)
         return first_chunk > 0 and self.allocator.num_available >= first_chunk + headroom
 
+    def _next_admissible(self) -> Request | None:
+        """The waiting head, unless it is a suspect and one already runs (then the first
+        non-suspect behind it, so the rest of the queue is not held up)."""
+        if not any(r.suspect for r in self.running):
+            return self.waiting[0]
+        return next((r for r in self.waiting if not r.suspect), None)
+
     def _admit(self, extra_slots_per_decode: int) -> None:
         budget = self.max_step_tokens - len(self.running)
         while self.waiting and len(self.running) < self.max_running_requests and budget > 0:
-            req = self.waiting[0]
+            req = self._next_admissible()
+            if req is None:
+                break
             if self.prefix_cache is not None and req.prefix_handle is None:
                 self._take_prefix(req)
             first_chunk = min(req.num_uncached, budget)
@@ -122,7 +131,7 @@ class BatchPlanner:
                 # It keeps its matched prefix (locked) while it waits: the cache's hit counts
                 # stay one lookup per admission, and the prefix it will need is not evicted.
                 break
-            self.waiting.popleft()
+            self.waiting.remove(req)
             self.running.append(req)
             budget -= first_chunk
 
@@ -148,7 +157,7 @@ class BatchPlanner:
         req.prefix_handle, req.prefix_len = match.node, len(match.slots)
         req.kv_slots = list(match.slots)
         req.draft_cached = match.draft_len
-        if req.retraction_count == 0:
+        if req.retraction_count == 0 and not req.suspect:
             req.cached_tokens = len(match.slots)
 
     def _drop_kv(self, req: Request, keep_kv: bool = True) -> None:
@@ -174,6 +183,15 @@ class BatchPlanner:
         req.retraction_count += 1
         self.num_retractions += 1
         self.running.remove(req)
+        self.waiting.appendleft(req)
+
+    def requeue_suspect(self, req: Request) -> None:
+        """Back to the queue's head after a failed pass, with no KV (the pass's is not
+        trusted): it is recomputed from prompt + output like a retracted request."""
+        self._drop_kv(req, keep_kv=False)
+        req.suspect = True
+        if req in self.running:
+            self.running.remove(req)
         self.waiting.appendleft(req)
 
     def take_back(self, chunk: ScheduledChunk) -> None:

@@ -98,6 +98,9 @@ class Request:
     # How many leading prompt tokens may come from the cache (input logprobs need the rest
     # computed; one token is always fed, its row samples the first output token).
     cacheable_prefix: Optional[int] = None
+    # In a batch whose forward pass failed: it is recomputed, never beside another suspect,
+    # and fails for good if a pass holding it fails again (Scheduler._recover_from_failed_step).
+    suspect: bool = False
 
     @property
     def all_ids(self) -> list[int]:

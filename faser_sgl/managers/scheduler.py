@@ -16,8 +16,10 @@ import traceback
 from http import HTTPStatus
 
 import psutil
+import setproctitle
 import torch
 
+from faser_sgl.managers import faults
 from faser_sgl.managers.batch_planner import BatchPlanner
 from faser_sgl.managers.control import ControlHandler
 from faser_sgl.managers.grammar import GrammarBackend, GrammarError
@@ -175,9 +177,17 @@ class Scheduler:
         if self.speculative and sockets is not None:
             self.generator.should_yield = self.newcomer_can_start
         self.control = ControlHandler(self)
+        self.faults = None
+        if faults.enabled():  # tests only (managers/faults.py)
+            self.faults = faults.FaultInjector()
+            self.faults.wrap(self.runner, faults.TARGET_PREFIX)
+            if self.speculative:
+                self.faults.wrap(self.generator.draft, faults.DRAFT_PREFIX)
+                if self.generator.early_exit is not None:
+                    self.faults.wrap(self.generator.early_exit, faults.TARGET_PREFIX)
         self.gracefully_exit = False
         self.stats = {"num_generated_tokens": 0, "num_finished_requests": 0, "num_forward_steps": 0,
-                      "num_aborted_requests": 0}
+                      "num_aborted_requests": 0, "num_failed_requests": 0}
         self._throughput_window = (time.monotonic(), 0)
         self.last_gen_throughput = 0.0
 
@@ -206,7 +216,11 @@ class Scheduler:
     # -- event loop --------------------------------------------------------------------------
     def run_forever(self, parent_pid: int) -> None:
         while not self.gracefully_exit:
-            self.receive_messages(0 if self.planner.has_work() else IDLE_POLL_MS)
+            busy = self.planner.has_work() or (self.faults is not None and self.faults.holding)
+            self.receive_messages(0 if busy else IDLE_POLL_MS)
+            if self.faults is not None:
+                for message in self.faults.due():
+                    self.sockets.send_detokenizer(message)
             if self.planner.has_work():
                 self.step()
             elif not psutil.pid_exists(parent_pid):
@@ -385,6 +399,8 @@ class Scheduler:
                                    if self.speculative else 0)
         if not chunks:
             return
+        if self.faults is not None:
+            self.faults.arm(c.req.rid for c in chunks)
         try:
             new_tokens = self.generator.generate(chunks)
             self._preempted_last_step = new_tokens is None
@@ -395,15 +411,8 @@ class Scheduler:
                     self.planner.take_back(chunk)
                 return
         except Exception:
-            # A failed forward must not take the server down: fail the requests in it and free
-            # what they hold; the KV of the failed chunk is not trusted.
             logger.error("forward pass failed:\n%s", traceback.format_exc())
-            failed = [c.req for c in chunks]
-            for req in failed:
-                self.planner.release(req, keep_kv=False)
-                req.finished_reason = finish_abort("internal error in the forward pass",
-                                                   HTTPStatus.INTERNAL_SERVER_ERROR)
-            self.send_outputs(failed)
+            self._recover_from_failed_step([c.req for c in chunks])
             return
         self.stats["num_forward_steps"] += 1
         verify_before = getattr(self.generator, "num_verify_steps", 0)
@@ -425,6 +434,30 @@ class Scheduler:
         if self.metrics is not None:
             self._observe_step(chunks, verify_before, generated_before, finished_before)
 
+    def _recover_from_failed_step(self, involved: list[Request]) -> None:
+        """A failed pass must not take the server down, nor fail requests that merely shared
+        its batch.  The pass's KV is not trusted, so every request in it gives its KV up.  A
+        request that was alone in the batch, or already a suspect (one that was in an earlier
+        failed batch), is failed; the others become suspects and are recomputed from prompt +
+        output, at most one suspect per batch (BatchPlanner), so the next failure names its
+        request."""
+        doomed = [r for r in involved if r.suspect or len(involved) == 1]
+        retried = [r for r in involved if r not in doomed]
+        for req in doomed:
+            self.planner.release(req, keep_kv=False)
+            req.finished_reason = finish_abort("internal error in the forward pass",
+                                               HTTPStatus.INTERNAL_SERVER_ERROR)
+            self.stats["num_failed_requests"] += 1
+        for req in reversed(retried):  # back to the queue's head in their order
+            if req.grammar is not None:
+                req.grammar.rollback()  # drafts the failed step advanced over
+            self.planner.requeue_suspect(req)
+        if retried:
+            logger.warning("retrying %d request(s) of the failed batch one suspect at a time; "
+                           "failed %d", len(retried), len(doomed))
+        if doomed:
+            self.send_outputs(doomed)
+
     def _observe_step(self, chunks, verify_before, generated_before, finished_before) -> None:
         m = self.metrics
         m.observe_step(
@@ -445,6 +478,12 @@ class Scheduler:
                                 if self.generator.num_verify_steps > verify_before else 0)
 
     def send_outputs(self, reqs: list[Request]) -> None:
+        if self.faults is not None:
+            reqs, stalled = self.faults.split_stalled(reqs)
+            for req in stalled:
+                self.faults.hold(req.rid, build_output([req], speculative=self.speculative))
+            if not reqs:
+                return
         self.sockets.send_detokenizer(build_output(reqs, speculative=self.speculative))
 
     def _update_throughput(self) -> None:
@@ -524,6 +563,9 @@ def run_scheduler_process(server_args, port_args, gpu_id, tp_rank, pp_rank, dp_r
     logging.basicConfig(level=getattr(logging, str(server_args.log_level or "info").upper(), logging.INFO),
                         format="[%(asctime)s faser_sgl] %(message)s")
     parent_pid = os.getppid()
+    # A name in ps/top and for supervisors and the soak harness (SGLang names its own
+    # processes "sglang::<role>" the same way).
+    setproctitle.setproctitle("faser_sgl::scheduler")
     scheduler = None
     try:
         t0 = time.perf_counter()

@@ -10,11 +10,18 @@ through TokenizerManager's documented hook for customized info.
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 
 import msgspec
 from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
-from sglang.srt.managers.tokenizer_manager import TokenizerManager
+from sglang.srt.managers.tokenizer_manager import SignalHandler, TokenizerManager
+
+from faser_sgl.managers import lifecycle
+from faser_sgl.options import FaserOptions
+
+# The server process's manager, for the HTTP middleware that reads its shutdown state.
+ACTIVE = None
 
 # Sampling-params objects recently dispatched, to recognise the copies of an n > 1 fan-out.
 FANOUT_MEMORY = 4096
@@ -33,10 +40,28 @@ def sample_seed(seed: int, index: int) -> int:
 SPEC_KEYS = ("spec_verify_ct", "spec_num_correct_drafts", "spec_num_proposed_drafts")
 
 
+class FaserSignalHandler(SignalHandler):
+    def running_phase_sigquit_handler(self, signum=None, frame=None):
+        lifecycle.child_died(self.tokenizer_manager)
+
+
 class FaserTokenizerManager(TokenizerManager):
     def __init__(self, *args, **kwargs):
+        global ACTIVE
         super().__init__(*args, **kwargs)
         self._dispatched_params: OrderedDict[int, tuple] = OrderedDict()
+        self.signal_handler_class = FaserSignalHandler
+        self.child_died = False
+        self.shutdown_timeout = FaserOptions.from_env().shutdown_timeout
+        ACTIVE = self
+
+    async def sigterm_watchdog(self):
+        """SIGTERM: a bounded drain (lifecycle.drain), then SGLang's own stop sequence, which
+        finds nothing left to wait for."""
+        while not self.gracefully_exit:
+            await asyncio.sleep(0.2)
+        await lifecycle.drain(self, self.shutdown_timeout)
+        await super().sigterm_watchdog()
 
     async def _send_one_request(self, tokenized_obj):
         """SGLang sends the n samples of a parallel-sampling request as n shallow copies that
