@@ -181,3 +181,32 @@ def test_sigterm_aborts_what_outlives_the_timeout(tiny_model_path, tmp_path):
         assert server.proc.wait(timeout=60) == 0
     finally:
         server.stop()
+
+
+def test_planner_runs_at_most_one_suspect_and_lets_others_pass():
+    """After a failed batch its requests are suspects: the planner admits one at a time, and
+    requests behind a waiting suspect are not held up by it."""
+    from faser_sgl.executor.kv_cache import SlotAllocator
+    from faser_sgl.managers.batch_planner import BatchPlanner
+    from faser_sgl.managers.request import Request, StopConditions
+
+    def req(rid):
+        return Request(rid=rid, http_worker_ipc=None, prompt_ids=[1, 2, 3],
+                       stop=StopConditions(8, frozenset()), sampling=None, stream=False)
+
+    alloc = SlotAllocator(256)
+    planner = BatchPlanner(alloc, max_running_requests=8, max_step_tokens=64)
+    a, b, c = req("a"), req("b"), req("c")
+    for r in (a, b, c):
+        planner.add(r)
+    chunks = planner.plan()
+    assert [ch.req for ch in chunks] == [a, b, c]
+    for r in (c, b, a):  # what Scheduler._recover_from_failed_step does
+        planner.requeue_suspect(r)
+    assert alloc.num_available == 256 and list(planner.waiting) == [a, b, c]
+    fresh = req("fresh")
+    planner.add(fresh)
+    chunks = planner.plan()
+    assert [ch.req for ch in chunks] == [a, fresh]  # one suspect, and the fresh one passes b, c
+    planner.release(a)
+    assert [ch.req for ch in planner.plan()][-1] == b and c in planner.waiting

@@ -193,6 +193,11 @@ class SpeculativeGenerator:
         slots back."""
         if not chunks:
             return {}
+        # Per-step state, keyed by id(request): a step that raised may have left some, and a
+        # later request can reuse a finished one's id.
+        self._draft_confidence.clear()
+        self._grammar_masks.clear()
+        self._emitted_logprobs.clear()
         decodes = [c.req for c in chunks if c.needs_logits and len(c.tokens) == 1]
         prefilling = any(len(c.tokens) > 1 or not c.needs_logits for c in chunks)
         if prefilling and not self.DRAFT_BESIDE_PREFILL:
