@@ -87,10 +87,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from faser_sgl.managers import tokenizer_hooks
     from faser_sgl.managers.lifecycle import ShutdownGate
+    from faser_sgl.managers.request_guard import RequestGuard
     from faser_sgl.managers.scheduler import run_scheduler_process
     from faser_sgl.managers.tokenizer_hooks import init_faser_tokenizer_manager
 
     app.add_middleware(ShutdownGate, manager=lambda: tokenizer_hooks.ACTIVE)
+    app.add_middleware(RequestGuard)
 
     try:
         launch_server(server_args, init_tokenizer_manager_func=init_faser_tokenizer_manager,

@@ -113,6 +113,10 @@ class SamplingOptions:
             raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
         if self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        for t, bias in (self.logit_bias or {}).items():
+            # OpenAI's range; beyond it (or NaN/inf) a bias only turns the logits into inf/NaN.
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {bias} for token {t}")
         for t in list(self.logit_bias or ()) + list(self.stop_token_ids):
             if not 0 <= t < vocab_size:
                 raise ValueError(f"token id {t} is outside the vocabulary [0, {vocab_size})")
