@@ -492,3 +492,34 @@ def test_randomized_against_kv_model(seed):
     assert alloc.num_free + cache.cached_size == total
     assert cache.evictable_size == cache.cached_size
     assert cache.flush() and alloc.num_free == total
+
+
+def test_running_request_gets_slots_a_waiting_request_holds_locked():
+    """A waiting request keeps its matched prefix locked; when a running request needs those
+    slots the lock is dropped (the waiting one matches again at admission) instead of both
+    waiting for each other."""
+    from faser_sgl.managers.batch_planner import BatchPlanner
+    from faser_sgl.managers.request import Request, StopConditions
+
+    def req(rid, prompt):
+        return Request(rid=rid, http_worker_ipc=None, prompt_ids=prompt,
+                       stop=StopConditions(64, frozenset()), sampling=None, stream=False)
+
+    alloc, cache = make(32)
+    planner = BatchPlanner(alloc, max_running_requests=4, max_step_tokens=64, prefix_cache=cache)
+    shared = list(range(100, 108))
+    first = req("first", shared + [1])
+    planner.add(first)
+    planner.plan()
+    first.output_ids.append(7)
+    planner.release(first)  # its KV goes to the cache
+    running = req("running", list(range(200, 220)))
+    planner.add(running)
+    planner.plan()
+    waiting = req("waiting", shared + list(range(300, 310)))
+    planner.add(waiting)
+    for step in range(8):  # the running request decodes past the free slots
+        running.output_ids.append(step)
+        chunks = planner.plan()
+        assert [c.req for c in chunks] == [running], f"step {step}: running request starved"
+    assert waiting in planner.waiting

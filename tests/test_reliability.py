@@ -210,3 +210,25 @@ def test_planner_runs_at_most_one_suspect_and_lets_others_pass():
     assert [ch.req for ch in chunks] == [a, fresh]  # one suspect, and the fresh one passes b, c
     planner.release(a)
     assert [ch.req for ch in planner.plan()][-1] == b and c in planner.waiting
+
+
+def test_prefills_that_fill_the_pool_do_not_wait_for_each_other():
+    """Two requests mid-prefill whose partial KV fills the pool (how retracted requests, being
+    re-prefilled, can end up): the earlier one takes the later one's slots (retraction)
+    instead of both stalling."""
+    from faser_sgl.executor.kv_cache import SlotAllocator
+    from faser_sgl.managers.batch_planner import BatchPlanner
+    from faser_sgl.managers.request import Request, StopConditions
+
+    def req(rid, n):
+        return Request(rid=rid, http_worker_ipc=None, prompt_ids=list(range(1, n + 1)),
+                       stop=StopConditions(4, frozenset()), sampling=None, stream=False)
+
+    alloc = SlotAllocator(64)
+    planner = BatchPlanner(alloc, max_running_requests=4, max_step_tokens=16)
+    early, late = req("early", 48), req("late", 48)
+    early.kv_slots, late.kv_slots = alloc.alloc(32), alloc.alloc(32)
+    planner.running = [early, late]
+    chunks = planner.plan()
+    assert [c.req for c in chunks] == [early] and planner.num_retractions == 1
+    assert list(planner.waiting) == [late] and not late.kv_slots

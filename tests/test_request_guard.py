@@ -59,3 +59,21 @@ def test_valid_requests_pass(path, body):
 def test_refused_shapes_name_the_problem(path, body, word):
     message = check_body(path, json.dumps(body).encode())
     assert message is not None and word in message
+
+
+def test_prompt_longer_than_any_tokenization_of_the_context_is_refused(tiny_model_path):
+    from transformers import AutoTokenizer
+
+    from faser_sgl.managers.request_guard import prompt_char_limit
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    limit = prompt_char_limit(tokenizer, 16)
+    longest = max(len(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+    assert limit == 16 * longest
+    # The bound is sound: the text of the 16 longest-stringed tokens is within it.
+    ok = json.dumps({"text": "a" * limit}).encode()
+    assert check_body(GENERATE, ok, limit) is None
+    for path, body in [(GENERATE, {"text": "a" * (limit + 1)}),
+                       (COMPLETIONS, {"prompt": ["x", "b" * (limit + 1)]}),
+                       (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "c" * (limit + 1)}]}]})]:
+        assert "characters" in check_body(path, json.dumps(body).encode(), limit)

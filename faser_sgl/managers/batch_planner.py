@@ -92,9 +92,9 @@ class BatchPlanner:
             pending = req.uncached_ids()
             take = min(len(pending), budget)
             if self.allocator.num_available < take:
-                take = self.allocator.num_available
-                if take <= 0:
-                    break
+                # What is free; none: one slot, which _reserve takes from later arrivals (else
+                # prefills that filled the pool between them would all wait for each other).
+                take = max(self.allocator.num_available, 1)
             if not self._reserve(req, take, protect=chunks):
                 break
             chunks.append(ScheduledChunk(req, pending[:take], needs_logits=take == len(pending)))
@@ -142,11 +142,22 @@ class BatchPlanner:
             if slots is not None:
                 req.kv_slots.extend(slots)
                 return True
+            if self._unlock_waiting_prefixes():
+                continue  # their slots are evictable now; cheaper than retracting running work
             protected = {id(c.req) for c in protect} | {id(req)}
             victim = next((r for r in reversed(self.running) if id(r) not in protected), None)
             if victim is None:
                 return False
             self.retract(victim)
+
+    def _unlock_waiting_prefixes(self) -> bool:
+        """Let waiting requests drop the cached prefixes they hold locked (they match again at
+        admission).  Without this a running request that needs those slots would wait for a
+        request that waits for it.  Returns whether any lock was dropped."""
+        holders = [r for r in self.waiting if r.prefix_handle is not None]
+        for req in holders:
+            self._drop_kv(req)
+        return bool(holders)
 
     def _take_prefix(self, req: Request) -> None:
         """Start req's KV from the longest cached prefix of its tokens (admission)."""

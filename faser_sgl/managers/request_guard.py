@@ -133,16 +133,57 @@ def check_openai(path: str, body: dict) -> str | None:
             or _check_response_format(body.get("response_format")))
 
 
-def check_body(path: str, raw: bytes) -> str | None:
+def _texts(path: str, body: dict) -> list[str]:
+    """The prompt texts of a request (each becomes at least one token per max_token_chars)."""
+    if path == GENERATE:
+        text = body.get("text")
+    elif path == COMPLETIONS:
+        text = body.get("prompt")
+    else:
+        messages = body.get("messages")
+        parts = []
+        for m in messages if isinstance(messages, list) else ():
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts += [p.get("text") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        return ["".join(parts)]
+    if isinstance(text, str):
+        return [text]
+    return [t for t in text if isinstance(t, str)] if isinstance(text, list) else []
+
+
+def check_body(path: str, raw: bytes, max_prompt_chars: int | None = None) -> str | None:
     """The reason to refuse this body with a 400, or None to let SGLang handle it (including
-    bodies that are not JSON at all, which SGLang refuses well itself)."""
+    bodies that are not JSON at all, which SGLang refuses well itself).  max_prompt_chars: a
+    prompt text longer than this cannot fit the context whatever its tokens (see
+    prompt_char_limit); it is refused before the tokenizer spends seconds on it."""
     try:
         body = json.loads(raw)
     except ValueError:
         return None
     if not isinstance(body, dict):
         return "the request body must be a JSON object"
-    return check_generate(body) if path == GENERATE else check_openai(path, body)
+    error = check_generate(body) if path == GENERATE else check_openai(path, body)
+    if error is None and max_prompt_chars is not None:
+        longest = max((len(t) for t in _texts(path, body)), default=0)
+        if longest > max_prompt_chars:
+            return (f"the prompt has {longest} characters, more than the model's context can hold "
+                    f"(at most {max_prompt_chars} for this tokenizer and context length)")
+    return error
+
+
+def prompt_char_limit(tokenizer, context_len: int) -> int | None:
+    """context_len x the longest token's string: no text longer than this tokenizes into
+    context_len tokens (a decoded character is at least one character of its token's string,
+    byte-level or sentencepiece), so such a prompt is refused without tokenizing it."""
+    try:
+        longest = max(len(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+                      if isinstance(t, str))
+    except Exception:  # an unusual tokenizer: no bound, SGLang still refuses after tokenizing
+        return None
+    return context_len * max(longest, 1)
 
 
 async def _answer(send, status: int, message: str) -> None:
@@ -158,9 +199,21 @@ class RequestGuard:
     """ASGI middleware: buffer a guarded POST's body, refuse it (400/413) or replay it to the
     app; later receive() calls go to the client's stream, so disconnects are still seen."""
 
-    def __init__(self, app, max_body_bytes: int = MAX_BODY_BYTES):
+    def __init__(self, app, max_body_bytes: int = MAX_BODY_BYTES, manager=None):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.manager = manager  # () -> the TokenizerManager, for the prompt length bound
+        self._char_limit: int | None = None
+        self._char_limit_known = False
+
+    def _max_prompt_chars(self) -> int | None:
+        if not self._char_limit_known:
+            manager = self.manager() if self.manager is not None else None
+            if manager is None or getattr(manager, "tokenizer", None) is None:
+                return None
+            self._char_limit = prompt_char_limit(manager.tokenizer, manager.context_len)
+            self._char_limit_known = True
+        return self._char_limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in GUARDED_PATHS:
@@ -180,7 +233,7 @@ class RequestGuard:
             if not message.get("more_body", False):
                 break
         raw = b"".join(chunks)
-        error = check_body(scope["path"], raw)
+        error = check_body(scope["path"], raw, self._max_prompt_chars())
         if error is not None:
             await _answer(send, 400, error)
             return

@@ -36,6 +36,8 @@ from faser_sgl.speculative.policy import make_policy
 logger = logging.getLogger("faser_sgl.scheduler")
 
 IDLE_POLL_MS = 200
+# A busy scheduler whose last step completed this recently answers health checks at once.
+HEALTHY_PROGRESS_S = 5.0
 
 
 class BadRequest(ValueError):
@@ -174,6 +176,7 @@ class Scheduler:
         self.sockets = sockets
         self._inbox: list[tuple[object, bool]] = []  # read during a step, handled after it
         self._preempted_last_step = False
+        self._last_progress = time.monotonic()  # when a step last completed
         if self.speculative and sockets is not None:
             self.generator.should_yield = self.newcomer_can_start
         self.control = ControlHandler(self)
@@ -283,6 +286,13 @@ class Scheduler:
         if req.stop.max_new_tokens == 0 and req.logprobs is None and self.prefix_cache is None:
             # Prefix-only requests (n>1 fan-out, frontend prefill) with nothing to compute:
             # no input logprobs asked, no cache to warm.
+            req.finished_reason = finish_length(0)
+            self.send_outputs([req])
+            return
+        if req.is_health_check and self.planner.has_work() \
+                and time.monotonic() - self._last_progress < HEALTHY_PROGRESS_S:
+            # Busy and making progress is healthy (SGLang's rule too): answer at once rather
+            # than queue one probe per poll behind the work.
             req.finished_reason = finish_length(0)
             self.send_outputs([req])
             return
@@ -415,6 +425,7 @@ class Scheduler:
             self._recover_from_failed_step([c.req for c in chunks])
             return
         self.stats["num_forward_steps"] += 1
+        self._last_progress = time.monotonic()
         verify_before = getattr(self.generator, "num_verify_steps", 0)
         generated_before = self.stats["num_generated_tokens"]
         finished_before = self.stats["num_finished_requests"]
