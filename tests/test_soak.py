@@ -22,8 +22,12 @@ from faser_sgl.bench.soak_report import render_memory_svg
 # warm-up before the 25 s whose memory must stay flat. About 80 s per server on two cores,
 # half of it the server's start-up.
 SERVER_ARGS = ["--max-total-tokens", "1024", "--max-running-requests", "4"]
+# In a 25 s window one-time allocations (allocator arenas after the fuzzer's multi-MiB bodies,
+# first use of a code path) can still move a process by ~200 MiB (seen once in CI: the launcher
+# +215 MiB), so the short soak catches gross leaks only (512 MiB); the 30-minute soak of
+# docs/reliability.md holds the harness's default, max(64 MiB, 10%).
 SHORT_SOAK = dict(warmup=20, duration=25, concurrency=4, burst_interval=10, probe_interval=5, rss_interval=1.0,
-                  request_timeout=120, quiescence_timeout=30)
+                  request_timeout=120, quiescence_timeout=30, rss_growth_mib=512)
 
 
 def assert_clean_soak(report, out_dir) -> None:
