@@ -19,7 +19,7 @@ import psutil
 import setproctitle
 import torch
 
-from faser_sgl.managers import faults
+from faser_sgl.managers import faults, server_state
 from faser_sgl.managers.batch_planner import BatchPlanner
 from faser_sgl.managers.control import ControlHandler
 from faser_sgl.managers.grammar import GrammarBackend, GrammarError
@@ -180,6 +180,8 @@ class Scheduler:
         if self.speculative and sockets is not None:
             self.generator.should_yield = self.newcomer_can_start
         self.control = ControlHandler(self)
+        # SGLang's /v1/loads (and a router's load balancing) read what this publishes.
+        self.load_publisher = server_state.LoadPublisher(port_args) if sockets is not None else None
         self.faults = None
         if faults.enabled():  # tests only (managers/faults.py)
             self.faults = faults.FaultInjector()
@@ -226,7 +228,9 @@ class Scheduler:
                     self.sockets.send_detokenizer(message)
             if self.planner.has_work():
                 self.step()
-            elif not psutil.pid_exists(parent_pid):
+            if self.load_publisher is not None:
+                self.load_publisher.maybe_publish(self, self.planner.has_work())
+            if not self.planner.has_work() and not psutil.pid_exists(parent_pid):
                 logger.info("parent process is gone; scheduler exits")
                 return
 
@@ -504,37 +508,6 @@ class Scheduler:
             self.last_gen_throughput = (self.stats["num_generated_tokens"] - tokens_then) / (now - start)
             self._throughput_window = (now, self.stats["num_generated_tokens"])
 
-    def _spec_stats(self) -> dict:
-        gen = self.generator
-        steps = getattr(gen, "num_verify_steps", 0)
-        return {
-            # Tokens emitted per verification pass (accepted drafts + the target's own token),
-            # the figure sglang.bench_serving reports as the acceptance length.
-            "avg_spec_accept_length": (gen.num_accepted + steps) / steps if steps else None,
-            "spec_verify_steps": steps,
-            "spec_drafted_tokens": getattr(gen, "num_drafted", 0),
-            "spec_accepted_tokens": getattr(gen, "num_accepted", 0),
-            # Steps whose draft passes a newcomer interrupted (its prefill went first).
-            "spec_preempted_steps": getattr(gen, "num_preempted_steps", 0),
-            "spec_pipelined_steps": getattr(gen, "num_pipelined_steps", 0),
-            "spec_frontier_pipeline": gen.controller.as_dict() if hasattr(gen, "controller") else None,
-            # FASER early exit: rows pruned, exit ratio, per exit layer precision/recall.
-            "spec_early_exit": gen.early_exit.stats.as_dict() if getattr(gen, "early_exit", None) else None,
-        }
-
-    def _cache_stats(self) -> dict:
-        cache = self.prefix_cache
-        if cache is None:
-            return {"prefix_cache": False}
-        return {
-            "prefix_cache": True,
-            "kv_cached_slots": cache.cached_size,
-            "kv_evictable_slots": cache.evictable_size,
-            "prefix_cache_hit_tokens": cache.num_hit_tokens,
-            "prefix_cache_query_tokens": cache.num_query_tokens,
-            "prefix_cache_hit_rate": cache.num_hit_tokens / cache.num_query_tokens if cache.num_query_tokens else 0.0,
-        }
-
     def flush_cache(self) -> bool:
         """/flush_cache: drop the prefix cache's KV (SGLang's rule: only while no request is
         running or waiting)."""
@@ -543,28 +516,7 @@ class Scheduler:
         return self.prefix_cache.flush() if self.prefix_cache is not None else True
 
     def internal_state(self) -> dict:
-        return {
-            "backend": "faser_sgl",
-            "speculative_policy": self.policy.name,
-            **self._spec_stats(),
-            "max_total_num_tokens": self.pool_size,
-            "kv_total_slots": self.pool_size,
-            # Free = what requests can get: unused slots + those only the prefix cache holds
-            # (it gives them up on demand); used = held by requests (or locked for them).
-            "kv_free_slots": self.allocator.num_available,
-            "kv_used_slots": self.pool_size - self.allocator.num_available,
-            **self._cache_stats(),
-            "num_running_reqs": len(self.planner.running),
-            "num_waiting_reqs": len(self.planner.waiting),
-            "num_retractions": self.planner.num_retractions,
-            "effective_max_running_requests_per_dp": self.max_running_requests,
-            "last_gen_throughput": self.last_gen_throughput,
-            "context_length": self.context_len,
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "attention_backend": self.options.attention_backend,
-            **self.stats,
-        }
-
+        return server_state.internal_state(self)
 
 def run_scheduler_process(server_args, port_args, gpu_id, tp_rank, pp_rank, dp_rank, pipe_writer,
                           *args, **kwargs):
