@@ -154,3 +154,26 @@ def test_load_casts_to_dtype(tiny_model_factory, dtype):
     model, _ = load_model(tiny_model_factory("llama"), dtype=dtype)
     assert {p.dtype for p in model.parameters()} == {dtype}
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_cpu_weights_map_the_file_copy_on_write(tiny_model_factory, tmp_path):
+    """A float32 checkpoint loaded as float32 is not copied: the weights are views of a private
+    map of the file (so replicas on one machine share its pages), and a write to a weight stays
+    in this process, leaving the file as it was."""
+    path = copy_model(tiny_model_factory("llama"), tmp_path / "m")
+    file = path / "model.safetensors"
+    on_disk = load_file(str(file))
+    model, _ = load_model(path, dtype=torch.float32)
+    weight = model.model.layers[0].mlp.down_proj.weight
+    maps = Path("/proc/self/maps").read_text()
+    assert str(file.resolve()) in maps
+    torch.testing.assert_close(weight, on_disk["model.layers.0.mlp.down_proj.weight"], rtol=0, atol=0)
+    weight.add_(1.0)
+    assert torch.equal(load_file(str(file))["model.layers.0.mlp.down_proj.weight"],
+                       on_disk["model.layers.0.mlp.down_proj.weight"])
+    again, _ = load_model(path, dtype=torch.float32)
+    assert torch.equal(again.model.layers[0].mlp.down_proj.weight,
+                       on_disk["model.layers.0.mlp.down_proj.weight"])
+    # Cast to another dtype, a weight is a copy of its own: the loaded model keeps working.
+    half, _ = load_model(path, dtype=torch.bfloat16)
+    assert half.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16

@@ -3,11 +3,19 @@
 The model is built on the meta device (no memory, no random init) and each parameter is then
 replaced by the checkpoint tensor, cast to the requested dtype and moved to the device, one
 tensor at a time, so peak memory stays near one copy of the weights.
+
+On a CPU, a tensor already stored in the requested dtype is not copied at all: it is a view of
+a private (copy-on-write) memory map of the file.  Its pages are then the page cache's, shared by
+every process serving the same checkpoint, so N replicas on one machine (launch_cluster) hold
+one copy of the weights between them instead of N; a write would give that process its own
+page, never touch the file.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
+import struct
 from pathlib import Path
 
 import torch
@@ -52,6 +60,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
     unexpected: list[str] = []
 
     for file in checkpoint_files(path):
+        mapped = _map_tensors(file) if device.type == "cpu" else {}
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
                 if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -60,7 +69,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
                     if not name.endswith(IGNORED_SUFFIXES):
                         unexpected.append(name)
                     continue
-                tensor = f.get_tensor(name)
+                tensor = mapped.get(name)
+                if tensor is None or tensor.dtype != dtype:
+                    tensor = f.get_tensor(name)
                 expected = tuple(wanted[name].shape)
                 if tuple(tensor.shape) != expected:
                     raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, "
@@ -83,6 +94,34 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
     model.eval()
     model.requires_grad_(False)
     return model, config
+
+
+# safetensors dtype names of the dtypes load_model serves.
+_MAPPABLE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _map_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a view of one copy-on-write map of it (layout: an
+    8-byte little-endian header length, a JSON header of dtype/shape/data_offsets, the data)."""
+    with open(file, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(header_len))
+        # ACCESS_COPY: MAP_PRIVATE, writable for torch.frombuffer, but a write stays in this
+        # process.  The tensors keep the map alive; the file may be closed.
+        buffer = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    data_start = 8 + header_len
+    tensors = {}
+    for name, entry in header.items():
+        dtype = _MAPPABLE_DTYPES.get(entry.get("dtype")) if name != "__metadata__" else None
+        if dtype is None:
+            continue
+        begin, end = entry["data_offsets"]
+        count = (end - begin) // dtype.itemsize
+        if count == 0 or (data_start + begin) % dtype.itemsize:
+            continue  # empty or misaligned: safe_open copies it instead
+        tensors[name] = torch.frombuffer(buffer, dtype=dtype, count=count,
+                                         offset=data_start + begin).view(entry["shape"])
+    return tensors
 
 
 def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
