@@ -65,6 +65,12 @@ def prepare_args(argv: list[str]):
     from sglang.srt.server_args import prepare_server_args
 
     server_args = prepare_server_args(rest)
+    if (server_args.dp_size or 1) > 1:
+        # SGLang's data-parallel controller would start its own schedulers, not ours.
+        raise SystemExit(
+            f"--dp-size {server_args.dp_size} is not supported: a faser_sgl server runs one "
+            "scheduler. For data-parallel replicas behind SGLang's router use "
+            f"`python -m faser_sgl.launch_cluster --replicas {server_args.dp_size} [server args]`")
     return server_args, options
 
 
