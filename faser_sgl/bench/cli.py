@@ -66,7 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--bursty-peak-ratio", type=float, default=20.0,
                    help="MMPP peak / trough (real traces show 10-35x)")
     g.add_argument("--bursty-mean-dwell", type=float, default=30.0, help="MMPP mean seconds per state")
-    g.add_argument("--trace", help="JSON lines with a 'timestamp' (ms) per request, replayed instead of the MMPP")
+    g.add_argument("--trace", help="JSON lines with a 'timestamp' (ms) per request, or an Azure LLM inference "
+                                   "trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens; arrival times only), "
+                                   "replayed instead of the MMPP (at most --bursty-num-prompts requests)")
+    g.add_argument("--trace-time-scale", type=float, default=1.0,
+                   help="stretch the trace's arrival offsets by this factor (10: a tenth of its rate)")
+    g.add_argument("--trace-sample", type=float, default=1.0,
+                   help="keep each trace entry with this probability (seeded), before --bursty-num-prompts")
     g.add_argument("--dataset", default="humaneval", help="'humaneval' or a JSON-lines file with 'prompt'")
     g.add_argument("--max-prompt-len", type=int, default=512, help="drop longer prompts (tokens)")
     g.add_argument("--output-len", type=int, default=64, help="max_new_tokens per request")
@@ -97,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--baseline {args.baseline!r} is not one of {names}")
     if args.num_prompts < 1 or args.output_len < 1 or args.bursty_num_prompts < 0:
         p.error("--num-prompts and --output-len must be >= 1, --bursty-num-prompts >= 0")
+    if args.trace_time_scale <= 0 or not 0 < args.trace_sample <= 1:
+        p.error("--trace-time-scale must be > 0 and --trace-sample in (0, 1]")
     if args.bursty_peak_ratio <= 1 or args.bursty_trough_rate <= 0 or args.bursty_mean_dwell <= 0:
         p.error("the MMPP needs --bursty-peak-ratio > 1 and positive trough rate and dwell")
     return args
@@ -130,7 +138,8 @@ def _command_line(argv: list[str] | None) -> str:
 def _tokenizer_for(base_url: str):
     from transformers import AutoTokenizer
 
-    info = requests.get(f"{base_url}/model_info", timeout=30).json()
+    # /get_model_info: a router (smg) forwards it; /model_info it does not know.
+    info = requests.get(f"{base_url}/get_model_info", timeout=30).json()
     return AutoTokenizer.from_pretrained(info["tokenizer_path"] or info["model_path"])
 
 

@@ -32,8 +32,11 @@ def client_args(temperature: float, ignore_eos: bool) -> argparse.Namespace:
 
 
 def server_counters(base_url: str) -> dict:
-    state = requests.get(f"{base_url}/get_server_info", timeout=30).json()["internal_states"][0]
-    return {name: state.get(name) or 0 for name in SPEC_COUNTERS}
+    """The counters summed over the servers behind base_url (every worker of a router)."""
+    from faser_sgl.bench.server_process import backend_urls, internal_state
+
+    states = [internal_state(url) for url in backend_urls(base_url)]
+    return {name: sum(state.get(name) or 0 for state in states) for name in SPEC_COUNTERS}
 
 
 async def _send_all(base_url: str, workload: Workload, show_progress: bool, label: str):

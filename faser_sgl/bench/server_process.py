@@ -23,6 +23,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def internal_state(base_url: str) -> dict:
+    info = requests.get(f"{base_url}/get_server_info", timeout=30).json()
+    return info["internal_states"][0]
+
+
+def backend_urls(base_url: str) -> list[str]:
+    """The servers behind ``base_url``: the workers an SGLang router (smg) lists at /workers,
+    or the server itself.  A router forwards /get_server_info to one worker, so per-server
+    state (KV in use, speculation counters) is read from each worker directly."""
+    try:
+        r = requests.get(f"{base_url}/workers", timeout=10)
+        workers = r.json().get("workers") if r.status_code == 200 else None
+    except (requests.RequestException, ValueError, AttributeError):
+        workers = None
+    urls = [w["url"].rstrip("/") for w in workers or [] if isinstance(w, dict) and w.get("url")]
+    return urls or [base_url]
+
+
 @dataclass
 class Server:
     base_url: str
@@ -33,20 +51,21 @@ class Server:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
     def internal_state(self) -> dict:
-        info = requests.get(f"{self.base_url}/get_server_info", timeout=30).json()
-        return info["internal_states"][0]
+        return internal_state(self.base_url)
 
     def wait_kv_free(self, timeout: float = 30.0) -> dict:
-        """Wait until the scheduler holds no KV slot and no request; return its state."""
+        """Wait until the scheduler (behind a router: every worker's) holds no KV slot and no
+        request; return its state."""
         deadline = time.monotonic() + timeout
-        state = self.internal_state()
-        while time.monotonic() < deadline:
-            state = self.internal_state()
-            if (state["kv_used_slots"] == 0 and state["num_running_reqs"] == 0
-                    and state["num_waiting_reqs"] == 0):
-                return state
+        urls = backend_urls(self.base_url)
+        while True:
+            states = [internal_state(url) for url in urls]
+            if all(s["kv_used_slots"] == 0 and s["num_running_reqs"] == 0 and s["num_waiting_reqs"] == 0
+                   for s in states):
+                return states[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"KV pool not free after {timeout}s: {states}")
             time.sleep(0.2)
-        raise AssertionError(f"KV pool not free after {timeout}s: {state}")
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -6,6 +6,8 @@ exactly the same prompts at exactly the same offsets."""
 
 from __future__ import annotations
 
+import csv
+import datetime
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,16 +89,84 @@ def mmpp_arrivals(num: int, trough_rate: float, peak_ratio: float, mean_dwell_s:
     return [t - first for t in times], clipped
 
 
-def trace_arrivals(path: str, num: int | None) -> list[float]:
-    """Arrival offsets from a recorded trace: JSON lines with a ``timestamp`` in milliseconds
-    (the Mooncake/SGLang trace format), replayed relative to the first entry."""
-    stamps = sorted(float(json.loads(line)["timestamp"])
-                    for line in Path(path).read_text().splitlines() if line.strip())
+@dataclass
+class AzureTrace:
+    """An Azure LLM inference trace (CSV: TIMESTAMP, ContextTokens, GeneratedTokens), e.g.
+    /work/shared/traces/ (Patel et al., "Splitwise", ISCA 2024; CC-BY 4.0): arrival offsets in
+    seconds from the first request, with each request's prompt and output length."""
+
+    offsets_s: list[float]
+    context_tokens: list[int]
+    generated_tokens: list[int]
+
+
+def _azure_time(stamp: str) -> tuple[int, float]:
+    """'2023-11-16 18:17:03.9799600' -> (whole seconds since the epoch, fraction), kept apart so
+    that offsets keep all the fraction's digits (datetime takes at most six, and a float of
+    epoch seconds only about seven)."""
+    whole, _, frac = stamp.strip().partition(".")
+    base = datetime.datetime.strptime(whole, "%Y-%m-%d %H:%M:%S").replace(tzinfo=datetime.timezone.utc)
+    return int(base.timestamp()), float("0." + frac) if frac else 0.0
+
+
+def read_azure_trace(path: str) -> AzureTrace:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} <= set(rows[0]):
+        raise SystemExit(f"--trace {path}: expected the Azure columns TIMESTAMP, ContextTokens, GeneratedTokens")
+    entries = sorted((_azure_time(r["TIMESTAMP"]), int(r["ContextTokens"]), int(r["GeneratedTokens"]))
+                     for r in rows)
+    (s0, f0), _, _ = entries[0]
+    return AzureTrace([(s - s0) + (f - f0) for (s, f), _, _ in entries],
+                      [c for _, c, _ in entries], [g for _, _, g in entries])
+
+
+def is_azure_csv(path: str) -> bool:
+    return str(path).lower().endswith(".csv")
+
+
+def select_trace(offsets: list[float], num: int | None, time_scale: float = 1.0, sample: float = 1.0,
+                 rng: np.random.Generator | None = None) -> list[int]:
+    """Indices of the trace entries to replay: each kept with probability ``sample`` (thinning
+    keeps the burst shape at a lower rate), then the first ``num``.  (Time scaling is applied to
+    the offsets by the caller: offsets * time_scale.)"""
+    idx = list(range(len(offsets)))
+    if sample < 1.0:
+        rng = rng if rng is not None else np.random.default_rng(0)
+        keep = rng.random(len(idx)) < sample
+        idx = [i for i in idx if keep[i]]
+    return idx[:num] if num is not None else idx
+
+
+def describe_trace(path: str, time_scale: float, sample: float, num: int | None, kept: int) -> str:
+    """How a trace was replayed, for the report (the arrival rates of real traces are far above
+    what a small machine serves, so every report must say how they were scaled)."""
+    how = [f"{kept} requests"]
+    if sample < 1.0:
+        how.append(f"each entry kept with probability {sample:g}")
     if num is not None:
-        stamps = stamps[:num]
+        how.append(f"at most the first {num}")
+    how.append(f"time x{time_scale:g} (offered rate / {time_scale:g})" if time_scale != 1.0 else "real time")
+    return f"{path} ({', '.join(how)})"
+
+
+def trace_arrivals(path: str, num: int | None, time_scale: float = 1.0, sample: float = 1.0,
+                   rng: np.random.Generator | None = None) -> list[float]:
+    """Arrival offsets from a recorded trace, replayed relative to the first kept entry: JSON
+    lines with a ``timestamp`` in milliseconds (the Mooncake/SGLang trace format), or an Azure
+    CSV (``read_azure_trace``).  ``time_scale`` stretches the offsets (2: half the rate);
+    ``sample`` keeps each entry with that probability (``select_trace``)."""
+    if time_scale <= 0 or not 0 < sample <= 1:
+        raise SystemExit("--trace-time-scale must be > 0 and --trace-sample in (0, 1]")
+    if is_azure_csv(path):
+        stamps = read_azure_trace(path).offsets_s
+    else:
+        stamps = sorted(float(json.loads(line)["timestamp"]) / 1000.0
+                        for line in Path(path).read_text().splitlines() if line.strip())
+    stamps = [stamps[i] for i in select_trace(stamps, num, time_scale, sample, rng)]
     if not stamps:
         raise SystemExit(f"--trace {path}: no entries")
-    return [(s - stamps[0]) / 1000.0 for s in stamps]
+    return [(s - stamps[0]) * time_scale for s in stamps]
 
 
 def pick_prompts(prompts: list[str], lens: list[int], num: int,
@@ -118,12 +188,15 @@ def build_workloads(args, prompts: list[str], lens: list[int]) -> list[Workload]
         workloads.append(Workload("poisson", rate, texts, text_lens,
                                   poisson_arrivals(args.num_prompts, rate, rng), args.output_len))
     if args.trace:
-        arrivals = trace_arrivals(args.trace, args.bursty_num_prompts)
+        scale, sample = getattr(args, "trace_time_scale", 1.0), getattr(args, "trace_sample", 1.0)
+        arrivals = trace_arrivals(args.trace, args.bursty_num_prompts, scale, sample,
+                                  np.random.default_rng([args.seed, 1001]))
         rng = np.random.default_rng([args.seed, 1000])
         texts, text_lens = pick_prompts(prompts, lens, len(arrivals), rng)
         span = max(arrivals[-1], 1e-9)
         workloads.append(Workload("trace", len(arrivals) / span, texts, text_lens, arrivals,
-                                  args.output_len, {"trace": str(args.trace)}))
+                                  args.output_len, {"trace": describe_trace(
+                                      str(args.trace), scale, sample, args.bursty_num_prompts, len(arrivals))}))
     elif args.bursty_num_prompts > 0:
         rng = np.random.default_rng([args.seed, 1000])
         arrivals, periods = mmpp_arrivals(args.bursty_num_prompts, args.bursty_trough_rate,
