@@ -1,0 +1,3 @@
+from faser_sgl.sim.cli import main
+
+main()

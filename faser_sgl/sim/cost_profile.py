@@ -1,0 +1,125 @@
+"""How long a simulated forward pass takes: a cost profile per model ("target", "draft").
+
+A profile maps the number of tokens a pass carries (decode rows + draft rows + prefill chunks,
+summed over the batch) to seconds.  Token count is the only input: on the machines measured so
+far the weights' traffic and the row count dominate a pass, and the attention over the cached
+context (which grows with context length and batch) is a few percent of it (docs/benchmarks.md,
+"Where a decode step's time goes"), so it is not modelled.
+
+Three ways to give one:
+- a JSON file (or a built-in name, see ``BUILTIN``)::
+
+      {"name": "...", "machine": "...", "units": "ms",
+       "target": {"points": [[1, 294], [2, 332], ...]},
+       "draft": {"fixed_ms": 2, "per_token_ms": 0.01}}
+
+  ``points`` are (tokens, ms) pairs, interpolated linearly and extrapolated past the last
+  point with the last segment's slope; ``fixed_ms`` + ``per_token_ms`` is a straight line.
+- the adaptive policy's ``--speculative-cost-profile`` text, ``target=30+0.01,draft=2+0.01``;
+- a policy's learnt cost curves (``from_curves``), e.g. after the server's start-up calibration.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from faser_sgl.speculative.adaptive import parse_cost_profile
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+BUILTIN = {"cpu-xeon-2core": PROFILE_DIR / "cpu_xeon_2core.json"}
+MODELS = ("target", "draft")
+
+
+@dataclass
+class PassCurve:
+    """Seconds of one pass against its token count: piecewise linear through ``points``."""
+
+    points: list[tuple[float, float]]  # (tokens, seconds), sorted by tokens
+
+    def __post_init__(self):
+        self.points = sorted((float(n), float(s)) for n, s in self.points)
+        if not self.points:
+            raise ValueError("a pass curve needs at least one point")
+        if any(n <= 0 or s < 0 or not math.isfinite(s) for n, s in self.points):
+            raise ValueError(f"pass curve points must have tokens > 0 and seconds >= 0: {self.points}")
+        self._keys = [n for n, _ in self.points]
+
+    @classmethod
+    def line(cls, fixed_s: float, per_token_s: float) -> "PassCurve":
+        return cls([(1.0, fixed_s + per_token_s), (2.0, fixed_s + 2 * per_token_s)])
+
+    def seconds(self, tokens: float) -> float:
+        pts = self.points
+        if len(pts) == 1 or tokens <= pts[0][0]:
+            # Below the first measured size a pass costs no less than it (a pass has a floor).
+            return pts[0][1]
+        i = min(max(bisect.bisect_left(self._keys, tokens), 1), len(pts) - 1)
+        (n0, s0), (n1, s1) = pts[i - 1], pts[i]
+        return max(0.0, s0 + (s1 - s0) * (tokens - n0) / (n1 - n0))
+
+
+@dataclass
+class CostProfile:
+    target: PassCurve
+    draft: PassCurve
+    name: str = "custom"
+    machine: str = "unspecified"
+    sources: dict = field(default_factory=dict)
+
+    def seconds(self, model: str, tokens: int) -> float:
+        return (self.target if model == "target" else self.draft).seconds(tokens)
+
+    def describe(self) -> str:
+        return f"cost profile {self.name!r} ({self.machine})"
+
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict) -> "CostProfile":
+        scale = {"ms": 1e-3, "s": 1.0}[data.get("units", "ms")]
+        curves = {}
+        for model in MODELS:
+            spec = data.get(model)
+            if spec is None:
+                raise ValueError(f"cost profile has no {model!r} entry")
+            if "points" in spec:
+                curves[model] = PassCurve([(n, s * scale) for n, s in spec["points"]])
+            else:
+                curves[model] = PassCurve.line(spec["fixed_ms"] * 1e-3, spec["per_token_ms"] * 1e-3)
+        return cls(curves["target"], curves["draft"], data.get("name", "custom"),
+                   data.get("machine", "unspecified"), data.get("sources", {}))
+
+    @classmethod
+    def from_text(cls, text: str) -> "CostProfile":
+        """``--speculative-cost-profile`` syntax: ``target=FIXED_MS+PER_TOKEN_MS,draft=...``."""
+        costs = parse_cost_profile(text)
+        return cls(PassCurve.line(*costs["target"]), PassCurve.line(*costs["draft"]),
+                   name=text, machine="given as --speculative-cost-profile")
+
+    @classmethod
+    def from_curves(cls, target_curve, draft_curve, name: str = "learnt", machine: str = "unspecified",
+                    target_sizes=(1, 2, 3, 4, 5, 8, 16, 32, 64, 128, 256, 512),
+                    draft_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256)) -> "CostProfile":
+        """From two ``adaptive.CostCurve`` objects (what a policy learnt from measured passes),
+        sampled at the given sizes."""
+        return cls(PassCurve([(n, target_curve.predict(n)) for n in target_sizes]),
+                   PassCurve([(n, draft_curve.predict(n)) for n in draft_sizes]), name, machine)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "machine": self.machine, "units": "ms", "sources": self.sources,
+                **{m: {"points": [[n, s * 1e3] for n, s in getattr(self, m).points]} for m in MODELS}}
+
+
+def load_cost_profile(spec: str) -> CostProfile:
+    """A built-in name, a JSON file, or ``--speculative-cost-profile`` text."""
+    if spec in BUILTIN:
+        return CostProfile.from_dict(json.loads(BUILTIN[spec].read_text()))
+    if spec.endswith(".json") or Path(spec).is_file():
+        return CostProfile.from_dict(json.loads(Path(spec).read_text()))
+    if "target=" in spec:
+        return CostProfile.from_text(spec)
+    raise ValueError(f"cost profile {spec!r} is not one of {sorted(BUILTIN)}, a JSON file, or "
+                     "'target=FIXED_MS+PER_TOKEN_MS,draft=FIXED_MS+PER_TOKEN_MS'")

@@ -1,0 +1,202 @@
+"""The discrete-event simulator (python -m faser_sgl.sim): the real planner and policies on a
+virtual clock.  No model is loaded; the whole file runs in seconds."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from faser_sgl.bench import report
+from faser_sgl.bench.workloads import read_azure_trace, trace_arrivals
+from faser_sgl.sim import cli
+from faser_sgl.sim.acceptance import load_acceptance, steps_to_matches
+from faser_sgl.sim.arrivals import AZURE_TRACES, SimWorkload, trace_workload
+from faser_sgl.sim.cost_profile import load_cost_profile
+from faser_sgl.sim.engine import SimServer
+from faser_sgl.sim.records import DEFAULT_RECORDS
+from faser_sgl.sim.settings import parse_setting
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[1]
+SMALL_RUN = ["--request-rates", "0.1,0.4", "--num-prompts", "8", "--bursty-num-prompts", "8",
+             "--bursty-trough-rate", "0.05", "--bursty-mean-dwell", "20",
+             "--setting", "none=--speculative-policy none",
+             "--setting", "fixed-k2=--speculative-policy fixed --speculative-num-draft-tokens 2",
+             "--setting", "adaptive-k4=--speculative-policy adaptive --speculative-num-draft-tokens 4",
+             "--setting", "faser-k4=--speculative-policy faser --speculative-num-draft-tokens 4 "
+                          "--faser-exit-threshold 0 --faser-exit-draft-prob 1.0"]
+
+
+def _server(args: str, profile: str, acceptance: str, seed: int = 0) -> SimServer:
+    return SimServer(parse_setting("s", args), load_cost_profile(profile), load_acceptance(acceptance),
+                     seed, DEFAULT_RECORDS)
+
+
+def _simulate(tmp_path, *extra) -> tuple[dict, list[dict]]:
+    args = cli.parse_args([*SMALL_RUN, "--output-dir", str(tmp_path), *extra])
+    return cli.simulate(args, [])
+
+
+# -- (1) determinism --------------------------------------------------------------------------
+def test_same_seed_same_results_other_seed_other_results(tmp_path):
+    """Arrivals, acceptance draws, early-exit scores and pass jitter all come from --seed."""
+    _, a = _simulate(tmp_path, "--seed", "3", "--cost-noise", "0.1")
+    _, b = _simulate(tmp_path, "--seed", "3", "--cost-noise", "0.1")
+    _, c = _simulate(tmp_path, "--seed", "4", "--cost-noise", "0.1")
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    assert json.dumps(a, sort_keys=True) != json.dumps(c, sort_keys=True)
+    # Not only the arrivals: the acceptance draws differ too.
+    spec = lambda rs: [r["spec"]["spec_accepted_tokens"] for r in rs]  # noqa: E731
+    assert spec(a) != spec(c)
+
+
+# -- (2) the speed-up bound -------------------------------------------------------------------
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_free_drafts_and_verification_with_full_acceptance_speed_up_by_k_plus_1(k):
+    """Cost profile: a target pass costs 100 ms whatever its token count (verifying k more rows
+    is free) and a draft pass costs nothing (otherwise the k draft passes per step would add
+    their time); every draft is accepted.  Then a speculative step costs what a plain decode
+    step costs and emits k+1 tokens, so decode tokens/s (1 / TPOT) is exactly (k+1)x `none`'s.
+    The first token is left out of TPOT by definition: it comes from the prefill step, which
+    never drafts.  Outputs are 1 + (k+1)*m tokens so that no step is cut short by the length
+    limit; requests arrive far apart so that none shares a step."""
+    out_len = 1 + (k + 1) * 12
+    wl = SimWorkload("poisson", 0.01, [0.0, 100.0, 200.0], [30, 50, 70], [out_len] * 3)
+    profile = "target=100+0,draft=0+0"
+    base = _server("--speculative-policy none", profile, "bernoulli:1").run(wl, 0)
+    spec = _server(f"--speculative-policy fixed --speculative-num-draft-tokens {k}", profile,
+                   "bernoulli:1").run(wl, 0)
+    tpot_none, tpot_spec = base["metrics"]["mean_tpot_ms"], spec["metrics"]["mean_tpot_ms"]
+    assert tpot_none == pytest.approx(100.0, rel=1e-9)
+    assert tpot_none / tpot_spec == pytest.approx(k + 1, rel=1e-9)
+    # Every drafted token was accepted; tokens per verification = k + 1.
+    assert spec["spec"]["accept_rate"] == 1.0
+    assert report.accept_length(spec["spec"]) == pytest.approx(k + 1)
+    assert spec["metrics"]["total_output"] == base["metrics"]["total_output"] == 3 * out_len
+
+
+# -- (3) zero acceptance ----------------------------------------------------------------------
+def _adaptive_lengths(profile: str) -> list[int]:
+    server = _server("--speculative-policy adaptive --speculative-num-draft-tokens 4", profile, "bernoulli:0")
+    lengths: list[int] = []
+    server.generator.on_draft_lengths = lambda ls: lengths.append(max(ls))
+    wl = SimWorkload("poisson", 1.0, [0.0, 0.5, 1.0, 1.5], [100] * 4, [300] * 4)
+    record = server.run(wl, 0)
+    assert record["spec"]["spec_accepted_tokens"] == 0
+    return lengths
+
+
+def test_adaptive_policy_converges_to_no_drafting_when_nothing_is_accepted():
+    """On the CPU profile, with every draft rejected, the adaptive drafter stops drafting.  It
+    is designed to probe again now and then (a request that does not draft is not observed, and
+    its estimate drifts back to the prior; adaptive.py), so "stays at 0" means: after the first
+    steps, k = 0 in the great majority of steps, and every probe is a single draft token
+    followed by k = 0 again."""
+    lengths = _adaptive_lengths("cpu-xeon-2core")
+    late = lengths[len(lengths) // 3:]
+    assert len(late) > 100
+    assert np.mean([k == 0 for k in late]) >= 0.85, late
+    assert max(late) <= 1
+    assert all(b == 0 for a, b in zip(late, late[1:]) if a > 0), late
+    assert late[-20:].count(0) >= 17
+
+
+@pytest.mark.xfail(strict=True, reason="adaptive.py limitation the simulator found: with DECAY 0.8 a "
+                   "request's estimate holds at most ~5 trials beside the prior's 2 pseudo-trials at 0.7, "
+                   "so zero acceptance reads as a rate of 0.2; where verification is nearly free (GPU-like "
+                   "costs) that still pays for k=1 and the policy never stops drafting")
+def test_adaptive_policy_stops_drafting_on_gpu_like_costs_when_nothing_is_accepted():
+    late = _adaptive_lengths("target=30+0.01,draft=2+0.01")
+    late = late[len(late) // 3:]
+    assert np.mean([k == 0 for k in late]) >= 0.85
+
+
+# -- (4) the Azure traces ---------------------------------------------------------------------
+@pytest.mark.parametrize("name, rows, minutes", [("azure-code", 8819, 57), ("azure-conv", 19366, 58)])
+def test_azure_trace_is_read_with_its_counts_and_time_scaled(name, rows, minutes):
+    path = AZURE_TRACES[name]
+    if not path.is_file():
+        pytest.skip(f"{path} is not on this machine")
+    trace = read_azure_trace(str(path))
+    assert len(trace.offsets_s) == len(trace.context_tokens) == len(trace.generated_tokens) == rows
+    assert trace.offsets_s[0] == 0 and all(np.diff(trace.offsets_s) >= 0)
+    assert int(trace.offsets_s[-1] // 60) == minutes
+    assert min(trace.context_tokens) >= 1 and min(trace.generated_tokens) >= 1
+    # The harness's reader: first N, time-scaled.
+    plain = trace_arrivals(str(path), 50)
+    slow = trace_arrivals(str(path), 50, time_scale=20.0)
+    assert len(slow) == 50 and slow == pytest.approx([20.0 * t for t in plain])
+    # Sampling thins the trace at the asked rate and keeps each kept entry's own lengths.
+    wl = trace_workload(name, None, 10.0, 0.1, seed=0)
+    assert wl.num_requests == pytest.approx(rows * 0.1, rel=0.1)
+    assert wl.arrivals_s[-1] <= trace.offsets_s[-1] * 10.0
+    assert set(wl.prompt_lens) <= set(trace.context_tokens)
+    assert "time x10" in wl.detail["trace"] and "probability 0.1" in wl.detail["trace"]
+    assert "Splitwise" in wl.detail["citation"]
+
+
+def test_azure_timestamps_keep_their_sub_microsecond_digits(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                    "2023-11-16 18:17:04.0319600,3180,8\n"
+                    "2023-11-16 18:17:03.9799600,4808,10\n"
+                    "2023-11-16 18:18:03.9799601,110,27\n")
+    trace = read_azure_trace(str(path))
+    assert trace.context_tokens == [4808, 3180, 110]  # sorted by time
+    assert trace.offsets_s == pytest.approx([0.0, 0.052, 60.0000001], abs=1e-6)
+
+
+def test_acceptance_steps_become_match_sequences():
+    # (k=4, 2 accepted) -> 1 1 0 ; (k=2, 2 accepted) -> 1 1 ? (the bonus position was never drafted)
+    assert steps_to_matches([[4, 2], [2, 2]]) == [1, 1, 0, 1, 1, None]
+    seq = load_acceptance("bernoulli:1").for_request(np.random.default_rng(0))
+    assert seq.accepted(0, 4) == 4
+    recorded = load_acceptance(str(DEFAULT_RECORDS))
+    assert 0.5 < recorded.fill_rate < 1.0
+
+
+# -- (5) the load harness's output ------------------------------------------------------------
+def test_outputs_are_the_load_harness_files(tmp_path):
+    files = cli.main([*SMALL_RUN, "--output-dir", str(tmp_path), "--seed", "1"])
+    meta, results = report.read_json(files["json"])
+    assert len(results) == 4 * 3 and meta["baseline"] == "none"
+    harness_keys = {"setting", "workload", "rate", "num_requests", "failed", "errors", "duration_s",
+                    "metrics", "spec", "requests", "detail"}
+    real = REPO / "docs" / "results" / "results.json"
+    real_results = json.loads(real.read_text())["results"] if real.is_file() else None
+    for r in results:
+        assert harness_keys <= set(r)
+        m, reqs = r["metrics"], r["requests"]
+        assert r["failed"] == 0 and m["completed"] == r["num_requests"] == len(reqs)
+        assert m["total_output"] == sum(q["output_len"] for q in reqs)
+        assert all(0 < q["ttft_s"] <= q["latency_s"] for q in reqs)
+        assert m["mean_e2e_latency_ms"] == pytest.approx(1e3 * np.mean([q["latency_s"] for q in reqs]))
+        assert m["output_throughput"] == pytest.approx(m["total_output"] / r["duration_s"])
+        assert r["duration_s"] >= max(q["arrival_s"] for q in reqs)
+        if real_results:  # the same metric names and request fields as a real harness run
+            assert set(real_results[0]["metrics"]) <= set(m)
+            assert set(real_results[0]["requests"][0]) <= set(reqs[0])
+        if r["setting"] == "none":
+            assert r["spec"]["spec_drafted_tokens"] == 0
+    assert any(r["spec"]["spec_drafted_tokens"] > 0 for r in results if r["setting"] == "fixed-k2")
+    faser = [r for r in results if r["setting"] == "faser-k4"]
+    assert all(r["sim"]["early_exit"] is not None for r in faser)
+    with open(files["csv"]) as f:
+        header = next(csv.reader(f))
+    real_csv = REPO / "docs" / "results" / "results.csv"
+    if real_csv.is_file():
+        with open(real_csv) as f:
+            assert header == next(csv.reader(f))
+    for png in ("poisson_sweep.png", "bursty.png"):
+        assert (tmp_path / png).read_bytes().startswith(PNG_MAGIC)
+    text = files["report"].read_text()
+    assert text.startswith("# Load-test results (SIMULATED)") and "Validation against real-server runs: pending" in text
+    assert "![Poisson sweep](poisson_sweep.png)" in text and "cpu-xeon-2core" in text
+    # Rebuilt from results.json alone, as the harness's --report-only does.
+    files["report"].unlink()
+    cli.main(["--output-dir", str(tmp_path), "--report-only"])
+    assert files["report"].read_text() == text
