@@ -2,8 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+REPLICAS ?= 2
 
-.PHONY: serve test env models
+.PHONY: serve test env models cluster
 
 env:
 	bash scripts/setup_env.sh $(VENV)
@@ -13,6 +14,10 @@ models: env
 
 serve: models
 	HF_HUB_OFFLINE=1 $(PY) -m faser_sgl.launch_server $(ARGS)
+
+# N replicas behind SGLang's router (smg), one endpoint: make cluster REPLICAS=2 ARGS="..."
+cluster: models
+	HF_HUB_OFFLINE=1 $(PY) -m faser_sgl.launch_cluster --replicas $(REPLICAS) $(ARGS)
 
 test: models
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs $(ARGS)

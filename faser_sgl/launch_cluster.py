@@ -146,12 +146,36 @@ def replica_url(args, i: int) -> str:
     return f"http://127.0.0.1:{args.worker_base_port + i}"
 
 
-def build_router(args, log_dir: Path) -> Process:
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def served_model_name(server_argv: list[str]) -> str:
+    """The model id the replicas report (SGLang's rule: --served-model-name, else the path)."""
+    name = _flag_value(server_argv, "--served-model-name") or _flag_value(server_argv, "--model-path") \
+        or _flag_value(server_argv, "--model")
+    if name is None:
+        from faser_sgl import default_models
+
+        name = default_models.default_target_path()
+    return name
+
+
+def build_router(args, server_argv: list[str], log_dir: Path) -> Process:
     urls = [replica_url(args, i) for i in range(args.replicas)] + list(args.worker_urls)
+    # The router routes OpenAI requests by model id; one SGLang server answers any name. So that
+    # clients written against one server ("model": "default") work unchanged, "default" is an
+    # alias of the replicas' model.
+    alias = ["--model-alias", f"default={served_model_name(server_argv)}"] if args.replicas else []
     cmd = [sys.executable, "-m", "smg", "launch", "--host", args.host, "--port", str(args.port),
            "--worker-urls", *urls, "--policy", args.router_policy,
            "--prometheus-host", args.host, "--prometheus-port", str(args.router_prometheus_port),
-           *ROUTER_DEFAULTS, *shlex.split(args.router_args)]
+           *alias, *ROUTER_DEFAULTS, *shlex.split(args.router_args)]
     return Process("router", cmd, log_dir / "router.log")
 
 
@@ -194,7 +218,7 @@ class Cluster:
         self.log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="faser_sgl_cluster_"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.replicas = build_replicas(args, server_argv, self.log_dir)
-        self.router = build_router(args, self.log_dir)
+        self.router = build_router(args, server_argv, self.log_dir)
         self.stopping = False
 
     @property
