@@ -7,7 +7,8 @@ cache-aware routing, health checks, load polling through SGLang's /v1/loads, ret
 requests on another worker.  Each replica is an unchanged ``faser_sgl.launch_server`` on
 127.0.0.1 (port --worker-base-port + i) with its own share of the CPU cores (affinity, and
 --faser-num-threads unless given) or, with the flashinfer backend, its own GPU.  Replicas map
-the checkpoint copy-on-write (executor/loader.py), so their weights share the page cache.
+the checkpoint copy-on-write (executor/loader.py), so the weights they use as stored share the
+page cache (docs/cluster.md has the memory figures).
 ``--worker-urls`` adds workers that run elsewhere (other machines); ``--replicas 0`` with it
 starts the router alone.  Ctrl-C / SIGTERM stops the router and the replicas (each drains its
 running requests, --faser-shutdown-timeout) and exits 0.

@@ -7,8 +7,9 @@ tensor at a time, so peak memory stays near one copy of the weights.
 On a CPU, a tensor already stored in the requested dtype is not copied at all: it is a view of
 a private (copy-on-write) memory map of the file.  Its pages are then the page cache's, shared by
 every process serving the same checkpoint, so N replicas on one machine (launch_cluster) hold
-one copy of the weights between them instead of N; a write would give that process its own
-page, never touch the file.
+one copy of such weights between them instead of N (what the executor derives at load, e.g. the
+fused projections, is still each process's own); a write would give that process its own page,
+never touch the file.
 """
 
 from __future__ import annotations
