@@ -67,6 +67,9 @@ class FaserOptions:
     # SIGTERM: seconds the running requests get to finish before the rest are aborted
     # (managers/lifecycle.py); new requests are refused with 503 from the signal on.
     shutdown_timeout: float = 30.0
+    # Append each finished request's verification steps [(drafts, accepted), ...] to this JSONL
+    # file (the simulator's acceptance traces, faser_sgl/sim/acceptance.py); None: off.
+    record_acceptance: str | None = None
 
     @property
     def frontier_size_value(self) -> int | None:
@@ -169,6 +172,10 @@ class FaserOptions:
         group.add_argument("--faser-shutdown-timeout", type=float, default=FaserOptions.shutdown_timeout,
                            help="on SIGTERM, refuse new requests (503) and give the running ones this "
                                 "many seconds to finish; the rest are aborted, then the server exits 0")
+        group.add_argument("--faser-record-acceptance", default=None, metavar="PATH",
+                           help="append every finished request's verification steps (drafts, "
+                                "accepted) as a JSON line to PATH: acceptance traces for the "
+                                "simulator (python -m faser_sgl.sim --acceptance PATH)")
         group.add_argument("--faser-exit-diagnostic", action="store_true",
                            help="run verification at full depth and only record what early exit "
                                 "would have pruned (precision/recall in /get_server_info)")
@@ -243,4 +250,5 @@ class FaserOptions:
             frontier_size=frontier,
             pipeline_split=split,
             shutdown_timeout=args.faser_shutdown_timeout,
+            record_acceptance=args.faser_record_acceptance,
         )

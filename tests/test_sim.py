@@ -200,3 +200,37 @@ def test_outputs_are_the_load_harness_files(tmp_path):
     files["report"].unlink()
     cli.main(["--output-dir", str(tmp_path), "--report-only"])
     assert files["report"].read_text() == text
+
+
+def test_server_records_acceptance_traces_the_simulator_reads(tiny_model_factory, partial_draft_path, tmp_path):
+    """--faser-record-acceptance: a real server writes each finished request's verification
+    steps; they add up to the request's own counters, and the simulator loads them."""
+    import requests
+
+    from server_utils import start_server
+
+    trace = tmp_path / "acceptance.jsonl"
+    server = start_server(tiny_model_factory("llama", seed=0), tmp_path, [
+        "--speculative-policy", "fixed", "--speculative-draft-model-path", partial_draft_path,
+        "--speculative-num-draft-tokens", "3", "--faser-record-acceptance", str(trace)])
+    try:
+        metas = []
+        for prompt in ([5, 17, 33], list(range(40, 60))):
+            r = requests.post(f"{server.base_url}/generate", timeout=120, json={
+                "input_ids": prompt, "sampling_params": {"max_new_tokens": 16, "temperature": 0,
+                                                         "ignore_eos": True}})
+            assert r.status_code == 200, r.text
+            metas.append(r.json()["meta_info"])
+    finally:
+        server.stop()
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    lines = [line for line in lines if line["rid"] in {m["id"] for m in metas}]
+    assert len(lines) == 2
+    for line in lines:
+        meta = next(m for m in metas if m["id"] == line["rid"])
+        assert line["output_len"] == 16
+        assert len(line["steps"]) == meta["spec_verify_ct"]
+        assert sum(a for _, a in line["steps"]) == meta["spec_num_correct_drafts"]
+        assert all(0 <= a <= k <= 3 for k, a in line["steps"])
+    model = load_acceptance(str(trace))
+    assert len(model.sequences) >= 2 and 0.0 < model.fill_rate <= 1.0

@@ -83,6 +83,8 @@ class Request:
     spec_verify_ct: int = 0
     spec_accepted_drafts: int = 0
     spec_drafted_tokens: int = 0
+    # [(drafts verified, accepted), ...] per verification, when --faser-record-acceptance is on.
+    spec_steps: Optional[list] = None
     # (successes, trials) of draft-token acceptance with old samples decayed: the adaptive
     # policy's estimate of this request's acceptance rate.
     spec_accept_stats: tuple[float, float] = (0.0, 0.0)

@@ -379,6 +379,8 @@ class Scheduler:
             requested_draft_len=draft_len,
         )
         req.logprobs, req.grammar = logprob_state, grammar
+        if self.options.record_acceptance and self.speculative and not req.is_health_check:
+            req.spec_steps = []
         if logprob_state is not None and logprob_state.wants_input:
             # Input logprobs need the rows from logprob_start_len on computed, not cached.
             req.cacheable_prefix = logprob_state.cacheable_prefix
@@ -441,6 +443,8 @@ class Scheduler:
             if req.finished:
                 self.planner.release(req)
                 self.stats["num_finished_requests"] += 1
+                if req.spec_steps is not None:
+                    server_state.record_acceptance(self.options.record_acceptance, req)
             if should_send(req, self.stream_interval, self.options.non_stream_flush_interval):
                 to_send.append(req)
         if to_send:

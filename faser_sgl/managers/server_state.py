@@ -113,6 +113,20 @@ def load_snapshot(s):
     )
 
 
+def record_acceptance(path: str, req) -> None:
+    """One JSON line per finished request: its verification steps, in the simulator's
+    acceptance-trace format (faser_sgl/sim/acceptance.py, ``"steps": [[drafts, accepted], ...]``)."""
+    import json
+
+    line = {"rid": req.rid, "prompt_len": len(req.prompt_ids), "output_len": len(req.output_ids),
+            "steps": [list(step) for step in req.spec_steps]}
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+    except OSError as exc:  # a trace must never stop serving
+        logger.warning("acceptance trace not written to %s: %s", path, exc)
+
+
 class LoadPublisher:
     """Writes the scheduler's load snapshot where SGLang's TokenizerManager reads it."""
 

@@ -353,6 +353,8 @@ class SpeculativeGenerator:
         req.spec_verify_ct += 1
         req.spec_accepted_drafts += accepted
         req.spec_drafted_tokens += drafted
+        if req.spec_steps is not None:
+            req.spec_steps.append((drafted, accepted))
         self.num_verify_steps += 1
         self.num_drafted += drafted
         self.num_accepted += accepted
