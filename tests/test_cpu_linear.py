@@ -75,3 +75,23 @@ def test_float32_cpu_only(tiny_model_factory):
     assert ModelRunner(path, max_total_tokens=16, dtype=torch.bfloat16).linear_plan is None
     with pytest.raises(ValueError, match="cpu_linear"):
         ModelRunner(path, max_total_tokens=16, cpu_linear="fast")
+
+
+def test_untimed_row_counts_follow_the_next_timed_count():
+    """Only some row counts are timed at start-up; the others must not fall back to F.linear by
+    default (10 rows once cost twice what 12 did on the Xeon VM): each follows the next timed
+    count above it."""
+    timed = frozenset({5, 8, 12})  # the packed path won at these timed counts
+    chosen = cpu_linear.fill_untimed(timed)
+    assert {7, 9, 10, 11}.issubset(chosen)  # 7 follows 8; 9-11 follow 12
+    assert not {13, 14, 15} & chosen  # 16 chose F.linear
+    assert not {1, 2, 3, 4, 6} & chosen  # timed counts keep their own choice; 6 is timed
+    assert cpu_linear.fill_untimed(frozenset()) == frozenset()
+    # A real choice covers every count 1..16 consistently.
+    weight = torch.randn(64, 32)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, cpu_linear.PACK_ROWS)
+    real = cpu_linear.choose_paths(weight, packed)
+    for rows in range(1, cpu_linear.TIMED_ROWS[-1] + 1):
+        if rows not in cpu_linear.TIMED_ROWS:
+            above = min(t for t in cpu_linear.TIMED_ROWS if t > rows)
+            assert (rows in real) == (above in real), rows

@@ -65,7 +65,10 @@ def _min_ms(fn, repeats: int = 3) -> float:
 
 
 def choose_paths(weight: torch.Tensor, packed: torch.Tensor) -> frozenset[int]:
-    """The row counts in TIMED_ROWS at which the packed path measured faster on this CPU."""
+    """The row counts up to TIMED_ROWS[-1] that take the packed path: those of TIMED_ROWS at
+    which it measured faster on this CPU, and each count between them as the next timed count
+    above it decided (F.linear's cliffs come with more rows, so a count left to it by default
+    could fall off one: 10 rows once cost twice what 12 did)."""
     chosen = set()
     with torch.inference_mode():
         for rows in TIMED_ROWS:
@@ -74,6 +77,16 @@ def choose_paths(weight: torch.Tensor, packed: torch.Tensor) -> frozenset[int]:
             fast = _min_ms(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
             if fast < plain:
                 chosen.add(rows)
+    return fill_untimed(frozenset(chosen))
+
+
+def fill_untimed(timed_choice: frozenset[int]) -> frozenset[int]:
+    """Extend a choice over TIMED_ROWS to every count 1..TIMED_ROWS[-1]: an untimed count
+    follows the next timed count above it."""
+    chosen = set(timed_choice)
+    for rows in range(1, TIMED_ROWS[-1] + 1):
+        if rows not in TIMED_ROWS and min(t for t in TIMED_ROWS if t > rows) in timed_choice:
+            chosen.add(rows)
     return frozenset(chosen)
 
 
