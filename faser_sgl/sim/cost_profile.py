@@ -30,7 +30,10 @@ from pathlib import Path
 from faser_sgl.speculative.adaptive import parse_cost_profile
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
-BUILTIN = {"cpu-xeon-2core": PROFILE_DIR / "cpu_xeon_2core.json"}
+BUILTIN = {"cpu-xeon-2core": PROFILE_DIR / "cpu_xeon_2core.json",
+           # Derived on paper from the GPUs' rooflines, not measured (see their "sources").
+           "h100-roofline-qwen3-32b": PROFILE_DIR / "h100_roofline_qwen3_32b.json",
+           "h200-roofline-qwen3-32b": PROFILE_DIR / "h200_roofline_qwen3_32b.json"}
 MODELS = ("target", "draft")
 
 
