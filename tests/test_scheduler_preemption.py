@@ -52,11 +52,20 @@ def wired_scheduler(tiny_model_path, partial_draft_path, tmp_path):
     from_scheduler.bind(names["detokenizer_ipc_name"])
     for name, kind in (("tokenizer_ipc_name", zmq.PULL), ("rpc_ipc_name", zmq.DEALER)):
         context.socket(kind).bind(names[name])
+    for sock in (to_scheduler, from_scheduler):
+        sock.setsockopt(zmq.LINGER, 0)
     sockets = SchedulerSockets(types.SimpleNamespace(**names))
     options = FaserOptions(speculative_policy="fixed", speculative_draft_model_path=partial_draft_path,
                            speculative_num_draft_tokens=3, dtype="float32", default_kv_slots=2048)
-    scheduler = Scheduler(_ServerArgs(model_path=tiny_model_path, skip_tokenizer_init=True, random_seed=0),
-                          None, options, sockets=sockets)
+    try:
+        scheduler = Scheduler(_ServerArgs(model_path=tiny_model_path, skip_tokenizer_init=True, random_seed=0),
+                              None, options, sockets=sockets)
+    except BaseException:
+        # A context left to the garbage collector with open sockets blocks in its destructor
+        # and would hang the whole test run; close everything before failing.
+        sockets.close()
+        context.destroy(linger=0)
+        raise
     send = lambda msg: io_struct.sock_send(to_scheduler, msg)  # noqa: E731
     yield scheduler, send, from_scheduler
     sockets.close()
@@ -95,7 +104,7 @@ def test_a_newcomer_preempts_the_draft_passes(wired_scheduler, tiny_model_path):
     scheduler.step()
     assert len(passes) == 1, "the draft phase went on after the newcomer arrived"
     assert scheduler.generator.num_preempted_steps == 1
-    assert scheduler._spec_stats()["spec_preempted_steps"] == 1
+    assert scheduler.internal_state()["spec_preempted_steps"] == 1
     assert len(running.output_ids) == tokens_before and scheduler.allocator.num_free == free_before
     assert not scheduler.planner.waiting  # read, set aside, not yet handled
 

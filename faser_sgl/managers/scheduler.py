@@ -181,7 +181,8 @@ class Scheduler:
             self.generator.should_yield = self.newcomer_can_start
         self.control = ControlHandler(self)
         # SGLang's /v1/loads (and a router's load balancing) read what this publishes.
-        self.load_publisher = server_state.LoadPublisher(port_args) if sockets is not None else None
+        self.load_publisher = server_state.LoadPublisher(port_args) \
+            if sockets is not None and getattr(port_args, "instance_id", None) else None
         self.faults = None
         if faults.enabled():  # tests only (managers/faults.py)
             self.faults = faults.FaultInjector()
