@@ -137,24 +137,13 @@ class SimulatedGenerator(SpeculativeGenerator):
             accepted = min(outcomes[id(req)], verified)
             n_emitted = accepted + 1 if accepted < verified or bonus else verified
             emitted = [DUMMY_TOKEN] * n_emitted
-            if v is not None:
-                self.early_exit.record_outcome(v, accepted)
-                if hasattr(self.policy, "observe_pruning"):
-                    skipped = 0.0 if v.pruned_at is None else 1.0 - v.pruned_at / self.early_exit.num_layers
-                    self.policy.observe_pruning(k, v.verified if v.pruned_at is not None else None, skipped)
-            kept = self._commit(req, emitted)
-            if k > 0:
-                # As SpeculativeGenerator._run_step: rejected and pruned drafts give their slots
-                # back; a fully accepted draft whose bonus row was pruned also its last slot.
-                full_kv = accepted if bonus or accepted < verified else accepted - 1
-                rejected = k - full_kv
-                if rejected:
-                    self.allocator.free(req.kv_slots[-rejected:])
-                    del req.kv_slots[-rejected:]
-                req.draft_cached = min(req.draft_cached, len(req.kv_slots))
-                self._count_verification(req, verified, accepted, kept, len(emitted))
-            out[req] = emitted[:kept]
+            # The real feedback, commit, roll-back and counting (SpeculativeGenerator._settle).
+            out[req] = emitted[:self._settle(req, k, v, verified, accepted, bonus, emitted)]
         return out
+
+    def _target_depth(self) -> int:
+        """No target model here: the recorded target's depth, as the simulated early exit has it."""
+        return self.early_exit.num_layers
 
     def _simulate_drafts(self, decodes, lengths, catch_up) -> None:
         """The draft passes of SpeculativeGenerator._run_draft, priced instead of run."""

@@ -265,27 +265,37 @@ class SpeculativeGenerator:
             offset += n_rows
             emitted, accepted = self._accept(req, drafts.get(id(req), [])[:verified], req_logits,
                                              draft_probs.get(id(req)), bonus)
-            if v is not None:
-                self.early_exit.record_outcome(v, accepted)
-                if hasattr(self.policy, "observe_pruning"):
-                    skipped = 0.0 if v.pruned_at is None else 1.0 - v.pruned_at / self.target.model.num_layers
-                    self.policy.observe_pruning(k, v.verified if v.pruned_at is not None else None, skipped)
-            kept = self._commit(req, emitted)
-            if k > 0:
-                # Roll back: the slots (both caches) of rejected and pruned drafts return to the
-                # pool.  A fully accepted draft whose bonus row was pruned also gives back the
-                # slot of its last token, whose KV the pruned row never wrote past the exit layer:
-                # that token is fed again as the next step's newest token.
-                full_kv = accepted if bonus or accepted < verified else accepted - 1
-                rejected = k - full_kv
-                if rejected:
-                    self.allocator.free(req.kv_slots[-rejected:])
-                    del req.kv_slots[-rejected:]
-                req.draft_cached = min(req.draft_cached, len(req.kv_slots))
-                self._count_verification(req, verified, accepted, kept, len(emitted))
-            out[req] = emitted[:kept]
+            out[req] = emitted[:self._settle(req, k, v, verified, accepted, bonus, emitted)]
         # Prefill-only chunks: nothing to emit (the draft sees their tokens when they draft).
         return out
+
+    def _settle(self, req: Request, k: int, v, verified: int, accepted: int, bonus: bool,
+                emitted: list[int]) -> int:
+        """After one request's verification: early exit's feedback, the emitted tokens committed,
+        rejected drafts rolled back, counters; returns how many emitted tokens were kept."""
+        if v is not None:
+            self.early_exit.record_outcome(v, accepted)
+            if hasattr(self.policy, "observe_pruning"):
+                skipped = 0.0 if v.pruned_at is None else 1.0 - v.pruned_at / self._target_depth()
+                self.policy.observe_pruning(k, v.verified if v.pruned_at is not None else None, skipped)
+        kept = self._commit(req, emitted)
+        if k > 0:
+            # Roll back: the slots (both caches) of rejected and pruned drafts return to the
+            # pool.  A fully accepted draft whose bonus row was pruned also gives back the
+            # slot of its last token, whose KV the pruned row never wrote past the exit layer:
+            # that token is fed again as the next step's newest token.
+            full_kv = accepted if bonus or accepted < verified else accepted - 1
+            rejected = k - full_kv
+            if rejected:
+                self.allocator.free(req.kv_slots[-rejected:])
+                del req.kv_slots[-rejected:]
+            req.draft_cached = min(req.draft_cached, len(req.kv_slots))
+            self._count_verification(req, verified, accepted, kept, len(emitted))
+        return kept
+
+    def _target_depth(self) -> int:
+        """Layers of the target model (the share of depth a pruned row skipped is read off it)."""
+        return self.target.model.num_layers
 
     def _commit(self, req: Request, emitted: list[int]) -> int:
         """Append the step's emitted tokens up to the stop condition, with their logprobs, and
