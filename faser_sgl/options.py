@@ -70,6 +70,7 @@ class FaserOptions:
     # Append each finished request's verification steps [(drafts, accepted), ...] to this JSONL
     # file (the simulator's acceptance traces, faser_sgl/sim/acceptance.py); None: off.
     record_acceptance: str | None = None
+    record_steps: str | None = None
 
     @property
     def frontier_size_value(self) -> int | None:
@@ -176,6 +177,11 @@ class FaserOptions:
                            help="append every finished request's verification steps (drafts, "
                                 "accepted) as a JSON line to PATH: acceptance traces for the "
                                 "simulator (python -m faser_sgl.sim --acceptance PATH)")
+        group.add_argument("--faser-record-steps", default=None, metavar="PATH",
+                           help="append one JSON line per scheduler step to PATH: its wall time, "
+                                "the idle-free gap before it, and every forward pass's model, tokens "
+                                "and seconds (scripts/profile_from_steps.py fits a simulator cost "
+                                "profile, step overhead included, from it)")
         group.add_argument("--faser-exit-diagnostic", action="store_true",
                            help="run verification at full depth and only record what early exit "
                                 "would have pruned (precision/recall in /get_server_info)")
@@ -251,4 +257,5 @@ class FaserOptions:
             pipeline_split=split,
             shutdown_timeout=args.faser_shutdown_timeout,
             record_acceptance=args.faser_record_acceptance,
+            record_steps=args.faser_record_steps,
         )

@@ -202,17 +202,21 @@ def test_outputs_are_the_load_harness_files(tmp_path):
     assert files["report"].read_text() == text
 
 
-def test_server_records_acceptance_traces_the_simulator_reads(tiny_model_factory, partial_draft_path, tmp_path):
+def test_server_records_acceptance_and_steps_the_simulator_reads(tiny_model_factory, partial_draft_path, tmp_path):
     """--faser-record-acceptance: a real server writes each finished request's verification
-    steps; they add up to the request's own counters, and the simulator loads them."""
+    steps; they add up to the request's own counters, and the simulator loads them.
+    --faser-record-steps: a line per scheduler step whose passes add up to what the requests
+    fed, from which scripts/profile_from_steps.py fits a profile the simulator reads."""
     import requests
 
     from server_utils import start_server
 
     trace = tmp_path / "acceptance.jsonl"
+    steps_path = tmp_path / "steps.jsonl"
     server = start_server(tiny_model_factory("llama", seed=0), tmp_path, [
         "--speculative-policy", "fixed", "--speculative-draft-model-path", partial_draft_path,
-        "--speculative-num-draft-tokens", "3", "--faser-record-acceptance", str(trace)])
+        "--speculative-num-draft-tokens", "3", "--faser-record-acceptance", str(trace),
+        "--faser-record-steps", str(steps_path)])
     try:
         metas = []
         for prompt in ([5, 17, 33], list(range(40, 60))):
@@ -234,3 +238,38 @@ def test_server_records_acceptance_traces_the_simulator_reads(tiny_model_factory
         assert all(0 <= a <= k <= 3 for k, a in line["steps"])
     model = load_acceptance(str(trace))
     assert len(model.sequences) >= 2 and 0.0 < model.fill_rate <= 1.0
+
+    steps = [json.loads(line) for line in steps_path.read_text().splitlines()]
+    done = [s for s in steps if not s["preempted"]]
+    # Both requests' 16 tokens (and any health check's) came out of recorded steps; every
+    # prompt token was fed to the target in some step's prefill.
+    assert sum(s["emitted"] for s in done) >= 32
+    assert sum(s["prefill_tokens"] for s in done) >= 3 + 20
+    for s in done:
+        targets = [p for p in s["passes"] if p[0] == "target"]
+        drafts = [p for p in s["passes"] if p[0] == "draft"]
+        assert len(targets) == 1, s  # serial draft-then-verify, no early exit
+        # The target pass carries every chunk's tokens plus each decode's drafts (at most 3).
+        assert s["prefill_tokens"] + s["decodes"] <= targets[0][1] <= s["prefill_tokens"] + 4 * s["decodes"], s
+        assert len(drafts) <= 3 and (s["decodes"] or not drafts), s
+        assert s["wall"] >= sum(p[2] for p in s["passes"]) > 0, s
+    assert any(s["gap"] is not None for s in done) and any(s["gap"] is None for s in done)
+
+    import subprocess
+    import sys
+
+    out = tmp_path / "fitted.json"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "profile_from_steps.py"
+    subprocess.run([sys.executable, str(script), str(steps_path), "--out", str(out), "--min-samples", "2"],
+                   check=True, capture_output=True, text=True)
+    fitted = load_cost_profile(str(out))
+    overhead = fitted.step_overhead
+    assert overhead.fixed_s >= 0 and overhead.per_request_s >= 0 and overhead.per_draft_pass_s >= 0
+    # The fitted target curve passes through the mean of a token count seen at least twice.
+    counts: dict[int, list[float]] = {}
+    for s in done:
+        for model_name, tokens, seconds in s["passes"]:
+            if model_name == "target":
+                counts.setdefault(tokens, []).append(seconds)
+    n, times = next((n, t) for n, t in sorted(counts.items()) if len(t) >= 2)
+    assert fitted.seconds("target", n) == pytest.approx(sum(times) / len(times), rel=1e-3, abs=1e-6)

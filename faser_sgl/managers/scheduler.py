@@ -191,6 +191,12 @@ class Scheduler:
                 self.faults.wrap(self.generator.draft, faults.DRAFT_PREFIX)
                 if self.generator.early_exit is not None:
                     self.faults.wrap(self.generator.early_exit, faults.TARGET_PREFIX)
+        self.step_recorder = None
+        if options.record_steps:
+            from faser_sgl.managers.step_recorder import StepRecorder
+
+            self.step_recorder = StepRecorder(options.record_steps)
+            self.generator.on_pass = self.step_recorder.on_pass
         self.gracefully_exit = False
         self.stats = {"num_generated_tokens": 0, "num_finished_requests": 0, "num_forward_steps": 0,
                       "num_aborted_requests": 0, "num_failed_requests": 0}
@@ -418,6 +424,8 @@ class Scheduler:
             return
         if self.faults is not None:
             self.faults.arm(c.req.rid for c in chunks)
+        if self.step_recorder is not None:
+            self.step_recorder.begin()
         try:
             new_tokens = self.generator.generate(chunks)
             self._preempted_last_step = new_tokens is None
@@ -426,6 +434,8 @@ class Scheduler:
                 # plan; this step's decodes are planned again beside it.
                 for chunk in chunks:
                     self.planner.take_back(chunk)
+                if self.step_recorder is not None:
+                    self.step_recorder.end(chunks, 0, True, True)
                 return
         except Exception:
             logger.error("forward pass failed:\n%s", traceback.format_exc())
@@ -453,6 +463,9 @@ class Scheduler:
         self._update_throughput()
         if self.metrics is not None:
             self._observe_step(chunks, verify_before, generated_before, finished_before)
+        if self.step_recorder is not None:
+            self.step_recorder.end(chunks, self.stats["num_generated_tokens"] - generated_before,
+                                   False, self.planner.has_work())
 
     def _recover_from_failed_step(self, involved: list[Request]) -> None:
         """A failed pass must not take the server down, nor fail requests that merely shared

@@ -6,6 +6,10 @@ produce several tokens per request per step through the same (chunks in, tokens 
 
 from __future__ import annotations
 
+import time
+
+import torch
+
 from faser_sgl.executor.forward_batch import ForwardBatch
 from faser_sgl.managers import logprobs
 from faser_sgl.managers.batch_planner import ScheduledChunk
@@ -17,6 +21,7 @@ class TargetOnlyGenerator:
         self.runner = runner
         self.sampler = sampler
         self.stop_checker = stop_checker
+        self.on_pass = None  # (model, tokens, seconds) of every pass: --faser-record-steps
 
     def generate(self, chunks: list[ScheduledChunk]) -> dict[Request, list[int]]:
         """Forward all chunks in one pass; sample a token for each chunk that needs logits,
@@ -30,7 +35,12 @@ class TargetOnlyGenerator:
             kv_slots=[c.req.kv_slots for c in chunks],
             logits_rows=rows,
         )
+        start = time.perf_counter()
         logits = self.runner.forward(batch)
+        if self.on_pass is not None:
+            if logits.is_cuda:  # (kernels are asynchronous: time their end)
+                torch.cuda.current_stream(logits.device).synchronize()
+            self.on_pass("target", sum(len(c.tokens) for c in chunks), time.perf_counter() - start)
         logits = logprobs.consume_input_rows(chunks, plan, [len(r) for r in rows], logits)
         sampled_reqs = [c.req for c in chunks if c.needs_logits]
         if not sampled_reqs:

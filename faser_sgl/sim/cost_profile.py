@@ -11,10 +11,13 @@ Three ways to give one:
 
       {"name": "...", "machine": "...", "units": "ms",
        "target": {"points": [[1, 294], [2, 332], ...]},
-       "draft": {"fixed_ms": 2, "per_token_ms": 0.01}}
+       "draft": {"fixed_ms": 2, "per_token_ms": 0.01},
+       "step_overhead": {"fixed_ms": 20, "per_request_ms": 3, "per_draft_pass_ms": 5}}
 
   ``points`` are (tokens, ms) pairs, interpolated linearly and extrapolated past the last
   point with the last segment's slope; ``fixed_ms`` + ``per_token_ms`` is a straight line.
+  The optional ``step_overhead`` (``StepOverhead``) is added once per step; without it a step
+  costs its passes only.
 - the adaptive policy's ``--speculative-cost-profile`` text, ``target=30+0.01,draft=2+0.01``;
 - a policy's learnt cost curves (``from_curves``), e.g. after the server's start-up calibration.
 """
@@ -66,12 +69,39 @@ class PassCurve:
 
 
 @dataclass
+class StepOverhead:
+    """What a step costs besides its forward passes: the scheduler's planning, sampling over the
+    vocabulary, stop checks, output messages and socket reads, and the CPU the server's other
+    processes (tokenizer, detokenizer, HTTP) take from the passes.  Linear in the step's requests
+    and draft passes (each draft pass samples every drafting request's next token)."""
+
+    fixed_s: float = 0.0
+    per_request_s: float = 0.0
+    per_draft_pass_s: float = 0.0
+
+    def seconds(self, requests: int, draft_passes: int) -> float:
+        return self.fixed_s + self.per_request_s * requests + self.per_draft_pass_s * draft_passes
+
+    @classmethod
+    def from_dict(cls, spec: dict, scale: float) -> "StepOverhead":
+        values = [spec.get(k, 0.0) * scale for k in ("fixed_ms", "per_request_ms", "per_draft_pass_ms")]
+        if any(v < 0 or not math.isfinite(v) for v in values):
+            raise ValueError(f"step overhead terms must be finite and >= 0: {spec}")
+        return cls(*values)
+
+    def to_dict(self) -> dict:
+        return {"fixed_ms": self.fixed_s * 1e3, "per_request_ms": self.per_request_s * 1e3,
+                "per_draft_pass_ms": self.per_draft_pass_s * 1e3}
+
+
+@dataclass
 class CostProfile:
     target: PassCurve
     draft: PassCurve
     name: str = "custom"
     machine: str = "unspecified"
     sources: dict = field(default_factory=dict)
+    step_overhead: StepOverhead = field(default_factory=StepOverhead)  # none unless the profile says
 
     def seconds(self, model: str, tokens: int) -> float:
         return (self.target if model == "target" else self.draft).seconds(tokens)
@@ -92,8 +122,9 @@ class CostProfile:
                 curves[model] = PassCurve([(n, s * scale) for n, s in spec["points"]])
             else:
                 curves[model] = PassCurve.line(spec["fixed_ms"] * 1e-3, spec["per_token_ms"] * 1e-3)
+        overhead = StepOverhead.from_dict(data["step_overhead"], 1e-3) if "step_overhead" in data else StepOverhead()
         return cls(curves["target"], curves["draft"], data.get("name", "custom"),
-                   data.get("machine", "unspecified"), data.get("sources", {}))
+                   data.get("machine", "unspecified"), data.get("sources", {}), overhead)
 
     @classmethod
     def from_text(cls, text: str) -> "CostProfile":
@@ -113,7 +144,8 @@ class CostProfile:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "machine": self.machine, "units": "ms", "sources": self.sources,
-                **{m: {"points": [[n, s * 1e3] for n, s in getattr(self, m).points]} for m in MODELS}}
+                **{m: {"points": [[n, s * 1e3] for n, s in getattr(self, m).points]} for m in MODELS},
+                "step_overhead": self.step_overhead.to_dict()}
 
 
 def load_cost_profile(spec: str) -> CostProfile:

@@ -66,6 +66,7 @@ class SimServer:
             self.generator = SimulatedTargetOnly(self.executor, stop_checker)
         self.generator.calibrate()
         self.num_steps = 0
+        self.overhead_s = 0.0  # step overhead charged so far (virtual seconds)
         self._preempted_last_step = False
         self._pending: deque = deque()
         self.on_step = None  # optional callback(server, chunks) after each completed step
@@ -144,7 +145,13 @@ class SimServer:
                 raise RuntimeError("the planner scheduled nothing and no request is due")
             self.clock.now = max(self.clock.now, self._workload.arrivals_s[self._pending[0]])
             return
+        drafts_before = self.executor.passes["draft"]
         new_tokens = self.generator.generate(chunks)
+        # What the server does besides the passes (cost_profile.StepOverhead), before it sends.
+        overhead = self.executor.profile.step_overhead.seconds(
+            len(chunks), self.executor.passes["draft"] - drafts_before)
+        self.clock.now += overhead
+        self.overhead_s += overhead
         self._preempted_last_step = new_tokens is None
         if new_tokens is None:
             for chunk in chunks:
@@ -200,6 +207,7 @@ class SimServer:
         ee = getattr(gen, "early_exit", None)
         return {"steps": self.num_steps, "passes": dict(self.executor.passes),
                 "busy_s": {k: round(v, 6) for k, v in self.executor.busy_s.items()},
+                "step_overhead_s": round(self.overhead_s, 6),
                 "preempted_steps": gen.num_preempted_steps, "retractions": self.planner.num_retractions,
                 "early_exit": ee.stats.as_dict() if ee is not None else None,
                 "frontier_pipeline": "not simulated (serial steps)" if self.setting.pipelined else None}

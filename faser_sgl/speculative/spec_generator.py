@@ -72,6 +72,7 @@ class SpeculativeGenerator:
         self.on_verify = None
         self.on_draft_lengths = None
         self.on_early_exit = None  # (draft tokens pruned inside this step's verification)
+        self.on_pass = None  # (model, tokens, seconds) of every pass: --faser-record-steps
         # Asked before each draft pass; True abandons the step (see the module docstring).
         self.should_yield = None
         self.num_preempted_steps = 0
@@ -435,6 +436,8 @@ class SpeculativeGenerator:
         if self.trace is not None:
             self.trace.append((model, threading.current_thread().name, start, end))
         self._observe_pass(model, sum(len(f) for f in feeds), end - start)
+        if self.on_pass is not None:
+            self.on_pass(model, sum(len(f) for f in feeds), end - start)
         return logits
 
     def _observe_pass(self, model: str, tokens: int, seconds: float) -> None:
