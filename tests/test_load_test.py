@@ -171,6 +171,21 @@ def test_humaneval_prompts_are_filtered_by_length(tiny_model_path):
     assert all("def " in p for p in prompts)  # HumanEval: a function signature and its docstring
 
 
+def test_chat_prompts_go_through_the_chat_template(tiny_model_path):
+    from transformers import AutoTokenizer
+
+    from faser_sgl.bench.chat_prompts import CHAT_DATASET
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    prompts, lens = load_prompts("chat", tokenizer, 10_000)
+    assert len(prompts) == len(CHAT_DATASET) == 40 and len(set(prompts)) == 40
+    for text, question, n in zip(prompts, CHAT_DATASET, lens):
+        templated = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                                  add_generation_prompt=True)
+        assert text == templated and question in text and text != question
+        assert n == len(tokenizer.encode(text, add_special_tokens=False))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--setting", "no-equals-sign"], "NAME="),
     (["--setting", "a=", "--setting", "a=--x"], "unique"),

