@@ -49,6 +49,7 @@ def test_dry_run_writes_a_cost_profile_the_simulator_loads(tmp_path):
     assert [e["layer"] for e in exits] == [1, 2, 3] and all(e["prefix_ms"] > 0 for e in exits)
     split = prof["overlap"]["results"][0]["splits"][0]
     assert split["name"] == "cpu:shared" and split["concurrent_ms"] > 0
+    assert split["verify_busy_ms"] > 0 and split["draft_busy_ms"] > 0  # each side beside the other
     assert prof["context_sweep"]
 
     profile = load_cost_profile(str(results))
@@ -56,6 +57,9 @@ def test_dry_run_writes_a_cost_profile_the_simulator_loads(tmp_path):
     for curve in (profile.target, profile.draft):
         assert_curve_ok(curve.points)
     assert profile.seconds("target", 1) <= profile.seconds("target", 16) <= profile.seconds("target", 1000)
+    # The split measured in the overlap stage, for the simulator's frontier pipeline.
+    assert [(s.name, s.draft_share) for s in profile.splits] == [("cpu:shared", 0)]
+    assert profile.splits[0].seconds("target", 4) > 0
 
 
 def test_curve_points_average_equal_token_counts_and_never_decrease():

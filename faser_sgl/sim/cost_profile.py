@@ -18,6 +18,10 @@ Three ways to give one:
   point with the last segment's slope; ``fixed_ms`` + ``per_token_ms`` is a straight line.
   The optional ``step_overhead`` (``StepOverhead``) is added once per step; without it a step
   costs its passes only.
+  The optional ``splits`` list (``SplitCost``) prices FASER's frontier pipeline: per hardware
+  split, each side's pass while the other side runs, e.g. ``{"name": "cpu:1+1", "draft_share": 1,
+  "target": {"points": ...}, "draft": {"scale": 1.43}}`` (a scale multiplies the whole-machine
+  curve); without it pipelined settings run serially (sim/pipeline.py).
 - the adaptive policy's ``--speculative-cost-profile`` text, ``target=30+0.01,draft=2+0.01``;
 - a policy's learnt cost curves (``from_curves``), e.g. after the server's start-up calibration.
 """
@@ -95,6 +99,73 @@ class StepOverhead:
 
 
 @dataclass
+class ScaledCurve:
+    """A split side's pass cost given as a multiple of the whole machine's curve (a side that
+    was measured at one shape, or derived on paper as "s times slower")."""
+
+    base: PassCurve
+    scale: float
+
+    def seconds(self, tokens: float) -> float:
+        return self.scale * self.base.seconds(tokens)
+
+
+@dataclass
+class SplitCost:
+    """One hardware split of the frontier pipeline (speculative/lanes.py): the seconds of each
+    side's pass *while the other side runs*, which is what FrontierController's split curves hold
+    (the real generator times them with the other side busy).  ``name`` is the real split's name
+    (``cpu:1+1``, ``cuda:100+32sm``, ...); ``draft_share`` the draft side's cores or SMs, which
+    ``--faser-pipeline-split N`` selects (0: no partition; None: not stated)."""
+
+    name: str
+    target: PassCurve | ScaledCurve
+    draft: PassCurve | ScaledCurve
+    draft_share: int | None = None
+
+    def seconds(self, model: str, tokens: float) -> float:
+        return (self.target if model == "target" else self.draft).seconds(tokens)
+
+    @classmethod
+    def from_dict(cls, spec: dict, whole: dict, scale: float) -> "SplitCost":
+        """``whole``: the profile's curves by model (what a ``{"scale": x}`` side multiplies);
+        ``scale``: seconds per unit of the profile's ``points``."""
+        sides = {}
+        for model in MODELS:
+            side = spec.get(model)
+            if side is None:
+                raise ValueError(f"split {spec.get('name')!r} has no {model!r} entry")
+            if "scale" in side:
+                factor = float(side["scale"])
+                if not (factor > 0 and math.isfinite(factor)):
+                    raise ValueError(f"split {spec.get('name')!r}: {model} scale must be > 0, got {factor}")
+                sides[model] = ScaledCurve(whole[model], factor)
+            elif "points" in side:
+                sides[model] = PassCurve([(n, s * scale) for n, s in side["points"]])
+            else:
+                sides[model] = PassCurve.line(side["fixed_ms"] * 1e-3, side["per_token_ms"] * 1e-3)
+        share = spec.get("draft_share")
+        return cls(str(spec["name"]), sides["target"], sides["draft"], None if share is None else int(share))
+
+    def to_dict(self) -> dict:
+        def side(curve):
+            if isinstance(curve, ScaledCurve):
+                return {"scale": curve.scale}
+            return {"points": [[n, s * 1e3] for n, s in curve.points]}
+
+        return {"name": self.name, "draft_share": self.draft_share,
+                **{m: side(getattr(self, m)) for m in MODELS}}
+
+
+def parse_splits(entries, whole: dict, scale: float) -> list[SplitCost]:
+    splits = [SplitCost.from_dict(e, whole, scale) for e in entries or []]
+    names = [s.name for s in splits]
+    if len(set(names)) != len(names):
+        raise ValueError(f"cost profile splits must have distinct names: {names}")
+    return splits
+
+
+@dataclass
 class CostProfile:
     target: PassCurve
     draft: PassCurve
@@ -102,6 +173,7 @@ class CostProfile:
     machine: str = "unspecified"
     sources: dict = field(default_factory=dict)
     step_overhead: StepOverhead = field(default_factory=StepOverhead)  # none unless the profile says
+    splits: list[SplitCost] = field(default_factory=list)  # frontier pipeline; none: serial
 
     def seconds(self, model: str, tokens: int) -> float:
         return (self.target if model == "target" else self.draft).seconds(tokens)
@@ -123,8 +195,9 @@ class CostProfile:
             else:
                 curves[model] = PassCurve.line(spec["fixed_ms"] * 1e-3, spec["per_token_ms"] * 1e-3)
         overhead = StepOverhead.from_dict(data["step_overhead"], 1e-3) if "step_overhead" in data else StepOverhead()
+        splits = parse_splits(data.get("splits"), curves, scale)
         return cls(curves["target"], curves["draft"], data.get("name", "custom"),
-                   data.get("machine", "unspecified"), data.get("sources", {}), overhead)
+                   data.get("machine", "unspecified"), data.get("sources", {}), overhead, splits)
 
     @classmethod
     def from_text(cls, text: str) -> "CostProfile":
@@ -145,7 +218,8 @@ class CostProfile:
     def to_dict(self) -> dict:
         return {"name": self.name, "machine": self.machine, "units": "ms", "sources": self.sources,
                 **{m: {"points": [[n, s * 1e3] for n, s in getattr(self, m).points]} for m in MODELS},
-                "step_overhead": self.step_overhead.to_dict()}
+                "step_overhead": self.step_overhead.to_dict(),
+                **({"splits": [s.to_dict() for s in self.splits]} if self.splits else {})}
 
 
 def load_cost_profile(spec: str) -> CostProfile:

@@ -8,7 +8,10 @@ requests that have arrived, plan, run one step (its passes advance the clock), r
 requests, and when nothing runs, jump to the next arrival.  A request that arrives during a
 step is seen after it, except that between draft passes the generator asks, as the real one
 does, whether a newcomer could start now (``Scheduler.newcomer_can_start``); if so the step is
-abandoned and its chunks taken back.
+abandoned and its chunks taken back.  A setting the real server would pipeline
+(``SimSetting.pipelined``) gets ``pipeline.SimulatedFrontierGenerator`` on the cost profile's
+splits; a profile without splits runs it serially and says so in the record
+(``sim.frontier_pipeline``).
 
 Not modelled: the prefix cache (prompts are dummy tokens; the Azure traces publish no text),
 stop tokens (outputs end at their length), tokenizer/detokenizer/HTTP time, failed passes.
@@ -28,6 +31,7 @@ from faser_sgl.sim.arrivals import SimWorkload
 from faser_sgl.sim.generator import (DUMMY_TOKEN, SimClock, SimExecutor, SimulatedGenerator,
                                      SimulatedTargetOnly)
 from faser_sgl.sim.metrics import SimRequestResult, calculate_metrics
+from faser_sgl.sim.pipeline import SimulatedFrontierGenerator, pipeline_splits
 from faser_sgl.sim.settings import SimSetting
 from faser_sgl.speculative.policy import make_policy
 
@@ -47,6 +51,7 @@ class SimServer:
         self.policy = make_policy(opts.speculative_policy, opts.speculative_num_draft_tokens,
                                   opts.speculative_cost_profile)
         self.clock = SimClock()
+        self.pipeline_note = None  # why a pipelining setting runs serially here
         self.executor = SimExecutor(profile, self.clock, cost_noise, np.random.default_rng([seed, 7]))
         stop_checker = StopChecker(None)
         self.extra_slots = opts.speculative_num_draft_tokens if setting.speculative else 0
@@ -59,8 +64,18 @@ class SimServer:
                 early_exit = SimulatedEarlyExit(
                     exit_records, opts.exit_layers, opts.exit_threshold, opts.exit_draft_prob,
                     self.policy, np.random.default_rng([seed, 8]))
-            self.generator = SimulatedGenerator(self.executor, self.policy, self.allocator, stop_checker,
-                                                setting.max_step_tokens, self._acceptance_for, early_exit)
+            gen_args = (self.executor, self.policy, self.allocator, stop_checker, setting.max_step_tokens,
+                        self._acceptance_for, early_exit)
+            splits = []
+            if setting.pipelined:
+                # As make_generator: a pipelining setting gets the frontier generator on the
+                # machine's splits, here the profile's; without any it runs serially (noted).
+                splits, self.pipeline_note = pipeline_splits(profile, opts.pipeline_split)
+            if splits:
+                self.generator = SimulatedFrontierGenerator(*gen_args, splits=splits,
+                                                            frontier_size=opts.frontier_size_value)
+            else:
+                self.generator = SimulatedGenerator(*gen_args)
             self.generator.should_yield = self._newcomer_can_start
         else:
             self.generator = SimulatedTargetOnly(self.executor, stop_checker)
@@ -178,7 +193,8 @@ class SimServer:
     def _counters(self) -> dict:
         gen = self.generator
         return {"spec_verify_steps": gen.num_verify_steps, "spec_drafted_tokens": gen.num_drafted,
-                "spec_accepted_tokens": gen.num_accepted, "spec_pipelined_steps": 0}
+                "spec_accepted_tokens": gen.num_accepted,
+                "spec_pipelined_steps": getattr(gen, "num_pipelined_steps", 0)}
 
     def _record(self, workload: SimWorkload, results: list[SimRequestResult], duration: float,
                 before: dict) -> dict:
@@ -210,4 +226,13 @@ class SimServer:
                 "step_overhead_s": round(self.overhead_s, 6),
                 "preempted_steps": gen.num_preempted_steps, "retractions": self.planner.num_retractions,
                 "early_exit": ee.stats.as_dict() if ee is not None else None,
-                "frontier_pipeline": "not simulated (serial steps)" if self.setting.pipelined else None}
+                "frontier_pipeline": self._pipeline_stats()}
+
+    def _pipeline_stats(self) -> dict | None:
+        """None for a serial setting; else the controller's choices and counts (sim/pipeline.py),
+        or why the setting ran serially."""
+        if not self.setting.pipelined:
+            return None
+        if hasattr(self.generator, "pipeline_stats"):
+            return self.generator.pipeline_stats()
+        return {"simulated": False, "note": self.pipeline_note}

@@ -12,8 +12,8 @@ tokens are dummies, and the acceptance model says how many drafts the target acc
 Step timing (serial draft-then-verify, as ``SpeculativeGenerator``): max(k_i) draft passes
 (the first feeds every drafting request's unseen tokens, each later one a row per request still
 drafting), then one target pass over every chunk's tokens plus every draft.  FASER's frontier
-pipeline, which overlaps draft and target passes, is not simulated: ``step_seconds`` is the hook
-where an overlapped schedule would price a step; every step runs serially here.
+pipeline, which overlaps draft and target passes, is ``pipeline.SimulatedFrontierGenerator``, a
+subclass of the real ``FrontierGenerator`` and of this one.
 """
 
 from __future__ import annotations
@@ -56,9 +56,12 @@ class SimExecutor:
     def seconds(self, model: str, tokens: int) -> float:
         return self.profile.seconds(model, tokens)
 
-    def charge(self, model: str, seconds: float) -> float:
+    def charge(self, model: str, seconds: float, advance: bool = True) -> float:
+        """Count one pass (with jitter) and return its seconds; ``advance=False``: the caller
+        moves the clock itself (a pipeline round lasts as long as its slower side)."""
         seconds *= self.noise()
-        self.clock.now += seconds
+        if advance:
+            self.clock.now += seconds
         self.passes[model] += 1
         self.busy_s[model] += seconds
         return seconds
@@ -145,9 +148,11 @@ class SimulatedGenerator(SpeculativeGenerator):
         """No target model here: the recorded target's depth, as the simulated early exit has it."""
         return self.early_exit.num_layers
 
-    def _simulate_drafts(self, decodes, lengths, catch_up) -> None:
-        """The draft passes of SpeculativeGenerator._run_draft, priced instead of run."""
+    def _simulate_drafts(self, decodes, lengths, catch_up, goals: dict[int, int] | None = None) -> None:
+        """The draft passes of SpeculativeGenerator._run_draft, priced instead of run; ``goals``:
+        drafts to make now by id (default: every slot held; a pipeline makes its first frontier)."""
         k_of = {id(r): k for r, k in zip(decodes, lengths)}
+        goal = goals or k_of
         step_reqs = [r for r, k in zip(decodes, lengths) if k > 0]
         behind = [r for r in decodes if id(r) in catch_up]
         if not step_reqs and not behind:
@@ -163,14 +168,14 @@ class SimulatedGenerator(SpeculativeGenerator):
             req.draft_cached += catch_up[id(req)]
         self._pass("draft", tokens)  # pass 0: catch-up rows; each drafting request gets d_1
         made = {id(r): 1 for r in step_reqs}
-        live = [r for r in step_reqs if made[id(r)] < k_of[id(r)]]
+        live = [r for r in step_reqs if made[id(r)] < goal[id(r)]]
         while live:
             self._yield_point()
             for r in live:
                 r.draft_cached += 1
                 made[id(r)] += 1
             self._pass("draft", len(live))
-            live = [r for r in live if made[id(r)] < k_of[id(r)]]
+            live = [r for r in live if made[id(r)] < goal[id(r)]]
 
     def _verify(self, chunks, k_of, outcomes) -> dict[int, Verification]:
         """The target pass: every chunk's tokens plus every draft; with early exit, its prunes."""
@@ -194,8 +199,3 @@ class SimulatedGenerator(SpeculativeGenerator):
         if pruned and self.on_early_exit is not None:
             self.on_early_exit(pruned)
         return verifications
-
-    def step_seconds(self) -> None:
-        """Hook for FASER's frontier pipeline (not simulated): an overlapped schedule would
-        price a step's draft and target passes together here instead of in turn."""
-        raise NotImplementedError("the frontier pipeline is not simulated; steps run serially")

@@ -14,7 +14,9 @@ timed pass (wall time: the eager executor's launch overhead is part of what a pa
 - early exit: the target pass cut at each candidate exit layer (the prefix alone, and the pass
   that prunes every request to its first row there, as ``EarlyExitVerifier`` does);
 - draft / verification overlap through ``speculative.lanes``' splits: serial, two CUDA streams,
-  and green-context SM splits (``flashinfer.green_ctx``), against serial;
+  and green-context SM splits (``flashinfer.green_ctx``), against serial; and per split each
+  side's pass timed while the other side keeps running (what the frontier controller's split
+  curves hold), which becomes the profile's ``splits`` section (``gpu_splits.py``);
 - how the verification pass grows with context length.
 
 The results file is a cost profile the simulator loads (``faser_sgl.sim.cost_profile``:
@@ -36,6 +38,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from faser_sgl.sim.gpu_splits import busy_sides, split_costs
 
 MIB = 2 ** 20
 
@@ -264,6 +268,9 @@ class Profiler:
             sections["target"] = {"points": tp}
         if dp:
             sections["draft"] = {"points": dp}
+        splits = split_costs(self.prof.get("overlap"))  # (gpu_splits.py)
+        if splits:
+            sections["splits"] = splits
         env = self.prof.get("environment", {})
         models = self.prof.get("models", {})
         t, d = models.get("target", {}), models.get("draft", {})
@@ -277,6 +284,8 @@ class Profiler:
             "target": "faser_sgl.sim.gpu_profile: verification passes (every new row gets logits) "
                       "over batch x tokens-per-request, same-token cells averaged, running max",
             "draft": "faser_sgl.sim.gpu_profile: draft passes (last row's logits) over batch x tokens",
+            "splits": "faser_sgl.sim.gpu_profile overlap stage: each side's pass timed while the other side "
+                      "keeps running, over the same pass on the whole device, mean over the overlap shapes",
             "caveat": ("dry run on a CPU with tiny shapes: checks the code path only" if self.dry_run else
                        "random weights of the real geometry; eager executor (no CUDA graphs); "
                        "wall time per pass with the device synchronised"),
@@ -487,7 +496,7 @@ class Profiler:
                          "splits": []}
                 results.append(entry)
                 for label, split in splits:
-                    if not self.guard(f"overlap {b}x{q} {label}", 5):
+                    if not self.guard(f"overlap {b}x{q} {label}", 8):
                         break
 
                     def draft_round(split=split):
@@ -506,10 +515,13 @@ class Profiler:
                     d_alone = self.time_fn(lambda: split.lane.submit(draft_round, split).result())
                     v_alone = self.time_fn(verify_side)
                     conc = self.time_fn(both)
+                    v_busy, d_busy = busy_sides(self, split, draft_round, verify)
                     entry["splits"].append({
-                        "split": label, "name": split.name, "draft_alone_ms": d_alone["ms"],
+                        "split": label, "name": split.name, "draft_share": getattr(split, "draft_sms", None) or 0,
+                        "draft_alone_ms": d_alone["ms"],
                         "verify_alone_ms": v_alone["ms"], "concurrent_ms": conc["ms"],
-                        "speedup_vs_serial": round(serial["ms"] / conc["ms"], 4)})
+                        "speedup_vs_serial": round(serial["ms"] / conc["ms"], 4),
+                        "verify_busy_ms": v_busy, "draft_busy_ms": d_busy})
                     self.save()
         finally:
             for _, s in splits:

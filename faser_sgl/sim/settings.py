@@ -36,7 +36,9 @@ class SimSetting:
 
     @property
     def pipelined(self) -> bool:
-        """Whether the real server may pipeline frontiers here (not simulated: runs serially)."""
+        """Whether the real server may pipeline frontiers here (``--faser-frontier-size`` auto or
+        N > 0; the faser policy's default): simulated by ``pipeline.SimulatedFrontierGenerator``
+        where the cost profile prices splits, serially (with a note) where it does not."""
         return self.speculative and self.options.frontier_size_value != 0
 
 
