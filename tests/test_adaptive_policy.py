@@ -72,6 +72,57 @@ def test_acceptance_estimate_follows_the_request():
     assert policy.accept_rate(good) > 0.9 and policy.accept_rate(bad) < 0.3
 
 
+def test_acceptance_estimate_lets_the_evidence_outweigh_the_prior():
+    """The prior's pseudo-trials age like the request's own: with nothing accepted the estimate
+    falls below a bound that goes to 0 (it used to settle at 0.2, the prior's share beside ~5
+    decayed trials, which still pays for a draft where verification is nearly free); when
+    acceptance returns it rises again, and it tends to the request's own rate."""
+    policy, req = AdaptiveLength(4), make_req("r")
+    prior_successes = AdaptiveLength.PRIOR_RATE * AdaptiveLength.PRIOR_TRIALS
+    for n in range(1, 61):
+        policy.observe(req, 4, 0)  # the first draft rejected: one failed trial
+        # What is left of the prior's pseudo-successes, over at least the trial just made.
+        assert policy.accept_rate(req) <= prior_successes * AdaptiveLength.DECAY ** n
+        if n == 20:
+            assert policy.accept_rate(req) < 0.02
+    assert policy.accept_rate(req) < 1e-3
+    rates = []
+    for _ in range(10):
+        policy.observe(req, 4, 4)
+        rates.append(policy.accept_rate(req))
+    assert rates == sorted(rates) and rates[0] > 0.25 and rates[2] > 0.5 and rates[-1] > 0.85, rates
+    for _ in range(100):
+        policy.observe(req, 4, 2)  # 2 accepted, the third rejected
+    assert policy.accept_rate(req) == pytest.approx(2 / 3, abs=1e-3)
+
+
+def test_nearly_free_verification_stops_drafting_when_nothing_is_accepted_and_probes_again():
+    """GPU-like costs: a draft row costs almost nothing, so drafting pays at any sizeable
+    acceptance estimate; with nothing accepted the request still stops (docs/simulation.md,
+    "Found with the simulator").  It is probed again later with one draft token, and one
+    accepted probe brings back full-length drafts."""
+    policy = make_policy("adaptive", 4, GPU_PROFILE)
+    req = make_req("r")
+    for _ in range(20):
+        policy.observe(req, 1, 0)
+    waits = []
+    for _ in range(3):
+        for wait in range(1, 200):
+            k = policy.choose_lengths([req], step_tokens=1)[0]
+            if k:
+                break
+        else:
+            pytest.fail("a request that stopped drafting was never probed again")
+        assert k == 1
+        waits.append(wait)
+        policy.observe(req, 1, 0)  # the probe is rejected too
+    assert all(w > 5 for w in waits), waits
+    while not policy.choose_lengths([req], step_tokens=1)[0]:
+        pass
+    policy.observe(req, 1, 1)  # this probe is accepted
+    assert policy.choose_lengths([req], step_tokens=1) == [4]
+
+
 def test_cheap_verification_drafts_the_longest():
     """GPU-like: a pass costs about the same for 1 or 20 tokens, the draft is cheap."""
     policy = AdaptiveLength(6)

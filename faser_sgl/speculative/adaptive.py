@@ -26,7 +26,10 @@ the tokens it may still emit.
 learning from measured passes), e.g. to see what the drafter would choose on another machine.
 
 A request whose estimate says "do not draft" is not observed any more, so its estimate slowly
-returns to the prior while it waits; it is probed again when the prior makes drafting pay.
+returns towards the prior while it waits; it is probed again when that makes drafting pay, and the
+probe decides.  The prior itself fades as evidence comes in, so a request that accepts nothing
+stops drafting wherever drafting costs something, apart from those probes (``AdaptiveLength``,
+"feedback").
 """
 
 from __future__ import annotations
@@ -132,12 +135,14 @@ def expected_tokens(accept_rate: float, k: int) -> float:
 class AdaptiveLength:
     name = "adaptive"
 
-    # Acceptance estimate: prior mean and its weight in pseudo-trials, decay of old samples per
-    # verification, and per step while the request does not draft (drift back to the prior).
+    # Acceptance estimate (see "feedback" below): prior mean and the pseudo-trials a new request
+    # starts with, decay of all counts per verification, and per step while the request does not
+    # draft the decay towards a faint prior of IDLE_PRIOR_TRIALS pseudo-trials.
     PRIOR_RATE = 0.7
     PRIOR_TRIALS = 2.0
-    DECAY = 0.8
+    DECAY = 0.9
     IDLE_DECAY = 0.9
+    IDLE_PRIOR_TRIALS = 0.05
 
     def __init__(self, max_draft_tokens: int, cost_profile: dict[str, tuple[float, float]] | None = None):
         """``cost_profile`` (see ``parse_cost_profile``) pins both cost curves to those lines:
@@ -157,16 +162,57 @@ class AdaptiveLength:
         self.row_saving = [0.0] * (self.max_k + 2)
 
     # -- feedback ------------------------------------------------------------------------------
-    def accept_rate(self, req: Request) -> float:
+    # The estimate is successes / trials over the request's decayed counts.  A new request starts
+    # with the prior as PRIOR_TRIALS pseudo-trials at PRIOR_RATE, and each verification
+    # multiplies all counts, the prior's included, by DECAY before adding its own.
+    # - The prior ages like evidence.  With a prior of fixed weight the decayed evidence (at
+    #   most tested / (1 - DECAY) trials) never outweighed it: zero acceptance read as
+    #   0.7 * 2 / (2 + 5) = 0.2 (DECAY 0.8), which still pays for a draft where verification is
+    #   nearly free, so with GPU-like costs the policy never stopped drafting (docs/simulation.md,
+    #   "Found with the simulator").  Now the estimate tends to the request's own recent rate,
+    #   and to 0 when nothing is accepted.
+    # - DECAY 0.9 (was 0.8): with no prior to lean on, the estimate is the last ~10
+    #   verifications; over ~5, a run of rejections at a moderate rate (5 in a row at 0.3:
+    #   p = 0.17) read as "nothing accepted" and stopped drafting for a whole probe interval
+    #   (simulated TPOT 5-6% worse at acceptance 0.3 with GPU-like costs).
+    # - While the request does not draft (choose_lengths) nothing is observed, so each step its
+    #   counts fade by IDLE_DECAY towards a faint prior (IDLE_PRIOR_TRIALS at PRIOR_RATE): the
+    #   estimate climbs back from what the request last saw, the request is probed again when
+    #   drafting pays, and the probe decides (accepted: drafting resumes at once; rejected: the
+    #   estimate drops back near 0).  Fading back to the full prior instead (as before) crossed a
+    #   low threshold again within 1-2 steps: with zero acceptance and GPU-like costs it still
+    #   drafted in ~60% of steps.  Towards a faint prior the climb is close to geometric, so the
+    #   wait grows with the threshold only logarithmically: with zero acceptance a probe every ~12
+    #   steps with GPU-like costs, every ~30 on the CPU profile (~9 before).
+    def _counts(self, req: Request) -> tuple[float, float]:
+        """The request's decayed (successes, trials), the prior's remaining pseudo-counts
+        included.  req.spec_accept_stats holds them minus a new request's (PRIOR_RATE *
+        PRIOR_TRIALS, PRIOR_TRIALS), so that the Request's default (0, 0) is the fresh prior."""
         successes, trials = req.spec_accept_stats
-        return (successes + self.PRIOR_RATE * self.PRIOR_TRIALS) / (trials + self.PRIOR_TRIALS)
+        return successes + self.PRIOR_RATE * self.PRIOR_TRIALS, trials + self.PRIOR_TRIALS
+
+    def _set_counts(self, req: Request, successes: float, trials: float) -> None:
+        req.spec_accept_stats = (successes - self.PRIOR_RATE * self.PRIOR_TRIALS, trials - self.PRIOR_TRIALS)
+
+    def accept_rate(self, req: Request) -> float:
+        successes, trials = self._counts(req)
+        # trials > 0: the prior's pseudo-trials fade but never vanish, except by float underflow
+        # after thousands of verifications that tested no draft.
+        return min(1.0, max(0.0, successes / trials)) if trials > 1e-12 else self.PRIOR_RATE
 
     def observe(self, req: Request, num_drafted: int, num_accepted: int) -> None:
-        successes, trials = req.spec_accept_stats
+        successes, trials = self._counts(req)
         # Drafts are tested in order until the first rejection: num_accepted successes, then one
         # failure unless all were accepted.
         tested = num_accepted + (1 if num_accepted < num_drafted else 0)
-        req.spec_accept_stats = (successes * self.DECAY + num_accepted, trials * self.DECAY + tested)
+        self._set_counts(req, successes * self.DECAY + num_accepted, trials * self.DECAY + tested)
+
+    def _idle(self, req: Request) -> None:
+        """One step without drafting: the counts fade towards the faint prior."""
+        successes, trials = self._counts(req)
+        fill = (1.0 - self.IDLE_DECAY) * self.IDLE_PRIOR_TRIALS
+        self._set_counts(req, successes * self.IDLE_DECAY + self.PRIOR_RATE * fill,
+                         trials * self.IDLE_DECAY + fill)
 
     PRUNE_SMOOTHING = 0.05
 
@@ -237,8 +283,7 @@ class AdaptiveLength:
                 break
         for req, k in zip(reqs, plan.lengths):
             if k == 0:
-                successes, trials = req.spec_accept_stats
-                req.spec_accept_stats = (successes * self.IDLE_DECAY, trials * self.IDLE_DECAY)
+                self._idle(req)
         return plan.lengths
 
 
