@@ -10,11 +10,12 @@ step costs besides its passes.  That is what the simulator's validation against 
 (docs/simulation.md): a profile timed alone, in a separate process, misses the CPU the server's
 own tokenizer, detokenizer and HTTP processes take from the same cores.
 
-Pass curves: a token count seen at least ``--min-samples`` times becomes a point at its mean
-time (the mean, not the median: the simulator must add up to the real busy time, outliers
-included).  Rarer counts above the last such point (prefill chunks, whose lengths rarely repeat)
-are fitted with a straight line, sampled at their range's ends.  ``--base`` fills in sizes the
-records never saw (below or above the observed range) from another profile.
+Pass curves: up to 16 tokens (decodes and verifications), a token count seen at least
+``--min-samples`` times becomes a point at its mean time (the mean, not the median: the
+simulator must add up to the real busy time, outliers included).  Larger passes (prefill chunks,
+whose lengths rarely repeat) are pooled into power-of-two bins of tokens, a point per bin at its
+mean size and mean time.  ``--base`` fills in sizes the records never saw (below or above the
+observed range) from another profile.
 
 Step overhead: per completed step, wall + gap - the sum of its passes, fitted by least squares
 as fixed + per_request x requests + per_draft_pass x draft passes, with terms that come out
@@ -46,22 +47,22 @@ def read_steps(paths: list[str]) -> list[dict]:
     return steps
 
 
-def fit_curve(samples: list[tuple[int, float]], min_samples: int) -> list[list[float]]:
+def fit_curve(samples: list[tuple[int, float]], min_samples: int, exact_up_to: int = 16) -> list[list[float]]:
     """(tokens, seconds) samples -> [[tokens, ms], ...] (see the module docstring)."""
     by_count = defaultdict(list)
     for n, s in samples:
         by_count[n].append(s)
-    points = {n: float(np.mean(v)) for n, v in by_count.items() if len(v) >= min_samples}
-    top = max(points, default=0)
-    rare = [(n, s) for n, s in samples if n > top and n not in points]
-    if len(rare) >= 2 and len({n for n, _ in rare}) >= 2:
-        xs = np.array([n for n, _ in rare], float)
-        slope, intercept = np.polyfit(xs, np.array([s for _, s in rare]), 1)
-        for n in (int(xs.min()), int(xs.max())):
-            points[n] = max(float(intercept + slope * n), 0.0)
-    elif len(rare) == 1:
-        points[rare[0][0]] = rare[0][1]
-    return [[n, round(points[n] * 1e3, 3)] for n in sorted(points)]
+    points = {float(n): float(np.mean(v)) for n, v in by_count.items()
+              if n <= exact_up_to and len(v) >= min_samples}
+    # Larger passes (prefill chunks, with whatever decodes shared the step) rarely repeat a
+    # count: pooled into power-of-two bins, each giving its samples' mean size and mean time.
+    bins = defaultdict(list)
+    for n, s in samples:
+        if n > exact_up_to:
+            bins[int(np.log2(n))].append((n, s))
+    for members in bins.values():
+        points[float(np.mean([n for n, _ in members]))] = float(np.mean([s for _, s in members]))
+    return [[round(n, 2), round(points[n] * 1e3, 3)] for n in sorted(points)]
 
 
 def merge_base(points: list[list[float]], base_curve) -> list[list[float]]:
