@@ -1,27 +1,44 @@
 #!/usr/bin/env bash
 # The simulator against the real runs of scripts/run_sim_validation.sh (docs/simulation.md,
-# "Validation on this machine"): per run, a cost profile fitted from that run's own step records
-# (in situ) and one fitted from the other run (cross), the acceptance both runs recorded, a
-# replay of every real request, and the comparison tables.  A minute or two.
+# "Validation on this machine").  For each run and each source of pass costs:
+#   pooled:      one profile fitted from all of a run's step records (one machine profile);
+#   per-setting: each setting's own profile, fitted from the steps its server recorded
+#                (--cost-profile-for), since pass costs differ with what the server holds;
+# both in situ (the run's own records) and cross-run (the other run's), with the acceptance
+# both runs recorded; then the comparison tables.  A few minutes.
 #   bash scripts/validate_sim.sh DIR        (DIR holds run1/ and run2/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:?usage: validate_sim.sh DIR}
 py=.venv/bin/python
+export PYTHONPATH=.
 machine=${MACHINE:-$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores}
 cat "$dir"/run*/acceptance-*.jsonl > "$dir/acceptance.jsonl"
+settings=$(ls "$dir/run1"/steps-*.jsonl | sed 's/.*steps-\(.*\)\.jsonl/\1/')
+mkdir -p "$dir/profiles"
 for r in run1 run2; do
-  PYTHONPATH=. $py scripts/profile_from_steps.py "$dir/$r"/steps-*.jsonl --out "$dir/profile-$r.json" \
-    --name "fitted-$r" --machine "$machine" | tee "$dir/profile-$r.fit.json"
+  $py scripts/profile_from_steps.py "$dir/$r"/steps-*.jsonl --out "$dir/profiles/$r.json" \
+    --name "fitted-$r" --machine "$machine" > "$dir/profiles/$r.fit.json"
+  for s in $settings; do
+    # (the pooled profile fills in what a setting never ran, e.g. the draft for none)
+    $py scripts/profile_from_steps.py "$dir/$r/steps-$s.jsonl" --base "$dir/profiles/$r.json" \
+      --out "$dir/profiles/$r-$s.json" --name "fitted-$r-$s" --machine "$machine" > "$dir/profiles/$r-$s.fit.json"
+  done
 done
 for r in run1 run2; do
   other=$([ $r = run1 ] && echo run2 || echo run1)
   for p in $r $other; do
-    out="$dir/sim-$r-profile-$p"
-    PYTHONPATH=. $py -m faser_sgl.sim --replay "$dir/$r/real/results.json" --cost-profile "$dir/profile-$p.json" \
-      --acceptance "$dir/acceptance.jsonl" --output-dir "$out" --report "$out.md" > /dev/null
-    PYTHONPATH=. $py scripts/compare_sim_real.py "$dir/$r/real/results.json" "$out/results.json" \
-      --real-repeat "$dir/$other/real/results.json" > "$dir/compare-$r-profile-$p.md" || true
-    echo "== $r replayed on profile-$p"; cat "$dir/compare-$r-profile-$p.md"
+    for kind in pooled per-setting; do
+      extra=()
+      if [ $kind = per-setting ]; then
+        for s in $settings; do extra+=(--cost-profile-for "$s=$dir/profiles/$p-$s.json"); done
+      fi
+      name="$r-on-$p-$kind"
+      $py -m faser_sgl.sim --replay "$dir/$r/real/results.json" --cost-profile "$dir/profiles/$p.json" \
+        "${extra[@]}" --acceptance "$dir/acceptance.jsonl" --output-dir "$dir/sim/$name" > /dev/null
+      $py scripts/compare_sim_real.py "$dir/$r/real/results.json" "$dir/sim/$name/results.json" \
+        --real-repeat "$dir/$other/real/results.json" > "$dir/compare-$name.md" || true
+      echo "== $r replayed on $p's $kind profiles"; cat "$dir/compare-$name.md"
+    done
   done
 done

@@ -277,3 +277,18 @@ def test_server_records_acceptance_and_steps_the_simulator_reads(tiny_model_fact
                 counts.setdefault(tokens, []).append(seconds)
     n, times = next((n, t) for n, t in sorted(counts.items()) if len(t) >= 2)
     assert fitted.seconds("target", n) == pytest.approx(sum(times) / len(times), rel=1e-3, abs=1e-6)
+
+
+def test_a_setting_can_have_its_own_cost_profile(tmp_path):
+    """--cost-profile-for NAME=PROFILE: that setting's passes cost what its profile says; the
+    other settings keep --cost-profile.  Doubling every pass doubles the time of a lone request."""
+    base = ["--setting", "a=--speculative-policy none", "--setting", "b=--speculative-policy none",
+            "--request-rates", "0.001", "--num-prompts", "2", "--bursty-num-prompts", "0",
+            "--lengths", "fixed:16:8", "--cost-profile", "target=100+1,draft=10+1"]
+    files = cli.main([*base, "--cost-profile-for", "b=target=200+2,draft=20+2", "--output-dir", str(tmp_path)])
+    meta, results = report.read_json(files["json"])
+    latency = {r["setting"]: r["metrics"]["mean_e2e_latency_ms"] for r in results}
+    assert latency["b"] == pytest.approx(2 * latency["a"], rel=1e-9)
+    assert set(meta["simulation"]["cost_profile_for"]) == {"b"}
+    with pytest.raises(SystemExit, match="SETTING=PROFILE"):
+        cli.main([*base, "--cost-profile-for", "c=target=1+1,draft=1+1", "--output-dir", str(tmp_path / "x")])

@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--cost-profile", default="cpu-xeon-2core",
                    help=f"pass costs: {', '.join(BUILTIN)}, a JSON file, or "
                         "'target=FIXED_MS+PER_TOKEN_MS,draft=FIXED_MS+PER_TOKEN_MS'")
+    g.add_argument("--cost-profile-for", action="append", default=[], metavar="SETTING=PROFILE",
+                   help="this setting's own cost profile (e.g. one fitted from the steps a real "
+                        "server recorded under that setting); repeat per setting")
     g.add_argument("--cost-noise", type=float, default=0.0,
                    help="coefficient of variation of a lognormal jitter on every pass (0: none)")
     g.add_argument("--acceptance", default=str(DEFAULT_RECORDS),
@@ -113,6 +116,12 @@ def simulate(args, argv=None) -> tuple[dict, list[dict]]:
     if baseline not in names:
         raise SystemExit(f"--baseline {baseline!r} is not one of {names}")
     profile = load_cost_profile(args.cost_profile)
+    own_profiles = {}
+    for item in args.cost_profile_for:
+        name, sep, spec = item.partition("=")
+        if not sep or name not in names:
+            raise SystemExit(f"--cost-profile-for {item!r}: expected SETTING=PROFILE with SETTING one of {names}")
+        own_profiles[name] = load_cost_profile(spec)
     acceptance = load_acceptance(args.acceptance)
     pairs = {(p, o) for w in workloads for p, o in zip(w.prompt_lens, w.output_lens)}
     meta = {
@@ -129,14 +138,16 @@ def simulate(args, argv=None) -> tuple[dict, list[dict]]:
         "temperature": "n/a (simulated)",
         "ignore_eos": True,
         "seed": args.seed,
-        "simulation": {"cost_profile": profile.to_dict(), "acceptance": acceptance.describe(),
+        "simulation": {"cost_profile": profile.to_dict(),
+                       "cost_profile_for": {n: p.to_dict() for n, p in own_profiles.items()},
+                       "acceptance": acceptance.describe(),
                        "exit_records": args.exit_records, "cost_noise": args.cost_noise,
                        "validation": "pending: no comparison against real-server runs yet"},
     }
     results = []
     for name, server_args in meta["settings"].items():
-        server = SimServer(parse_setting(name, server_args), profile, acceptance, args.seed,
-                           args.exit_records, args.cost_noise)
+        server = SimServer(parse_setting(name, server_args), own_profiles.get(name, profile), acceptance,
+                           args.seed, args.exit_records, args.cost_noise)
         for i, workload in enumerate(workloads):
             record = server.run(workload, i)
             results.append({"setting": name, **record})
@@ -158,6 +169,7 @@ def mark_simulated(report_path: Path, meta: dict) -> None:
         "the acceptance model. Not measured on a server. Validation against real-server runs: pending.",
         "",
         f"- Cost profile: {sim['cost_profile']['name']} ({sim['cost_profile']['machine']})",
+        *(f"- Cost profile of {n}: {p['name']} ({p['machine']})" for n, p in sim.get("cost_profile_for", {}).items()),
         f"- Acceptance: {sim['acceptance']}",
         f"- Early-exit scores: {sim['exit_records']}; pass-time jitter (CV): {sim['cost_noise']}",
     ]
