@@ -74,6 +74,24 @@ def merge_base(points: list[list[float]], base_curve) -> list[list[float]]:
     return sorted(points + extra)
 
 
+def split_scales(donor) -> list[dict]:
+    """The donor profile's pipeline splits as multiples of its own whole-machine curves (the mean
+    ratio over the split curve's points), to apply to a fitted profile's curves: the records of
+    serial steps say nothing about a split's sides."""
+    out = []
+    for split in donor.splits:
+        entry = {"name": split.name, "draft_share": split.draft_share}
+        for model in MODELS:
+            side, whole = getattr(split, model), getattr(donor, model)
+            pts = getattr(side, "points", None)
+            if pts is None:  # already a scale
+                entry[model] = {"scale": side.scale}
+                continue
+            entry[model] = {"scale": round(float(np.mean([s / whole.seconds(n) for n, s in pts])), 4)}
+        out.append(entry)
+    return out
+
+
 def fit_overhead(steps: list[dict]) -> tuple[dict, dict]:
     rows, ys = [], []
     for step in steps:
@@ -113,6 +131,9 @@ def main(argv=None) -> None:
     ap.add_argument("--name", default="fitted-from-steps")
     ap.add_argument("--machine", default="unspecified")
     ap.add_argument("--min-samples", type=int, default=3)
+    ap.add_argument("--splits-from", default=None,
+                    help="a profile whose pipeline splits (as multiples of its whole-machine "
+                         "curves) the fitted profile takes over")
     args = ap.parse_args(argv)
     steps = read_steps(args.steps)
     samples = {m: [] for m in MODELS}
@@ -128,11 +149,14 @@ def main(argv=None) -> None:
         if not points:
             raise SystemExit(f"no {model} passes in the records and no --base to take them from")
         profile[model] = {"points": points}
+    if args.splits_from:
+        profile["splits"] = split_scales(load_cost_profile(args.splits_from))
     overhead, stats = fit_overhead(steps)
     profile["step_overhead"] = overhead
     profile["sources"] = {
         "fitted_from": [str(p) for p in args.steps], "base": args.base,
         "passes": {m: len(samples[m]) for m in MODELS}, "step_overhead_fit": stats,
+        "splits": f"scaled as in {args.splits_from}, not measured here" if args.splits_from else None,
         "method": "scripts/profile_from_steps.py: mean pass time per token count seen "
                   f">= {args.min_samples} times, a line through rarer larger counts; step overhead "
                   "= wall + gap - passes, least squares on requests and draft passes"}
