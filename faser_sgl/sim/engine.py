@@ -81,6 +81,7 @@ class SimServer:
             self.generator = SimulatedTargetOnly(self.executor, stop_checker)
         self.generator.calibrate()
         self.num_steps = 0
+        self.step_chunks = 0  # requests scheduled over the completed steps (batch size x steps)
         self.overhead_s = 0.0  # step overhead charged so far (virtual seconds)
         self._preempted_last_step = False
         self._pending: deque = deque()
@@ -173,6 +174,7 @@ class SimServer:
                 self.planner.take_back(chunk)
             return
         self.num_steps += 1
+        self.step_chunks += len(chunks)
         now = self.clock.now
         for chunk in chunks:
             req = chunk.req
@@ -223,6 +225,8 @@ class SimServer:
         ee = getattr(gen, "early_exit", None)
         return {"steps": self.num_steps, "passes": dict(self.executor.passes),
                 "busy_s": {k: round(v, 6) for k, v in self.executor.busy_s.items()},
+                "mean_batch_requests": round(self.step_chunks / self.num_steps, 3) if self.num_steps else None,
+                **self.executor.stats(),
                 "step_overhead_s": round(self.overhead_s, 6),
                 "preempted_steps": gen.num_preempted_steps, "retractions": self.planner.num_retractions,
                 "early_exit": ee.stats.as_dict() if ee is not None else None,

@@ -11,8 +11,9 @@ the same kind and position, drawn at random.  Everything after the scores is the
 code: its flags, ``_p_right``, ``_choose_prune``, ``record_outcome`` and statistics.
 
 Cost: the pass runs in segments between exit layers; a segment costs the cost profile's pass
-time at the rows still in the pass, times the segment's share of the depth, so pruned rows cost
-only the layers before their exit.  The predictor's own cost (1-2 ms per pass on the CPU) is
+time at the rows still in the pass (and, with a context term, at the context left: each pruned
+row is one token fewer fed and read), times the segment's share of the depth, so pruned rows
+cost only the layers before their exit.  The predictor's own cost (1-2 ms per pass on the CPU) is
 not modelled.
 """
 

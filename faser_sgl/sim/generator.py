@@ -6,8 +6,10 @@ emit and to free slots, the draft model's lazy catch-up and its time budget, the
 check between draft passes, the stop checker, the roll-back of rejected drafts' slots, the
 acceptance counters and the policy's feedback (``observe``, ``observe_forward``,
 ``observe_pruning``).  Only ``_run_step`` (and ``calibrate``) are replaced: each pass advances the
-virtual clock by the cost profile's time for its token count instead of running a model, the
-tokens are dummies, and the acceptance model says how many drafts the target accepts.
+virtual clock by the cost profile's time for its token count (and, where the profile has a
+context term, for the context its attention reads: each request's cached tokens + the tokens it
+feeds, i.e. the KV slots the real pass attends over) instead of running a model, the tokens are
+dummies, and the acceptance model says how many drafts the target accepts.
 
 Step timing (serial draft-then-verify, as ``SpeculativeGenerator``): max(k_i) draft passes
 (the first feeds every drafting request's unseen tokens, each later one a row per request still
@@ -45,6 +47,11 @@ class SimExecutor:
         self.rng = rng if rng is not None else np.random.default_rng(0)
         self.passes = {"target": 0, "draft": 0}
         self.busy_s = {"target": 0.0, "draft": 0.0}
+        # Tokens and context (KV tokens read) of the passes charged, and target passes by size
+        # (powers of two: "<=N" tokens), for the record.
+        self.tokens = {"target": 0, "draft": 0}
+        self.context = {"target": 0, "draft": 0}
+        self.target_pass_sizes: dict[str, int] = {}
 
     def noise(self) -> float:
         """A multiplicative jitter with mean 1 (lognormal), as real passes vary run to run."""
@@ -53,18 +60,31 @@ class SimExecutor:
         sigma2 = np.log1p(self.noise_cv ** 2)
         return float(self.rng.lognormal(-sigma2 / 2, np.sqrt(sigma2)))
 
-    def seconds(self, model: str, tokens: int) -> float:
-        return self.profile.seconds(model, tokens)
+    def seconds(self, model: str, tokens: int, context: int = 0) -> float:
+        """A pass over ``tokens`` tokens whose attention reads ``context`` KV tokens in all."""
+        return self.profile.seconds(model, tokens, context)
 
-    def charge(self, model: str, seconds: float, advance: bool = True) -> float:
+    def charge(self, model: str, seconds: float, advance: bool = True, tokens: int = 0,
+               context: int = 0) -> float:
         """Count one pass (with jitter) and return its seconds; ``advance=False``: the caller
-        moves the clock itself (a pipeline round lasts as long as its slower side)."""
+        moves the clock itself (a pipeline round lasts as long as its slower side).  ``tokens``
+        and ``context`` are only counted, for the record."""
         seconds *= self.noise()
         if advance:
             self.clock.now += seconds
         self.passes[model] += 1
         self.busy_s[model] += seconds
+        self.tokens[model] += tokens
+        self.context[model] += context
+        if model == "target" and tokens:
+            bucket = f"<={1 << max(0, int(tokens - 1).bit_length())}"
+            self.target_pass_sizes[bucket] = self.target_pass_sizes.get(bucket, 0) + 1
         return seconds
+
+    def stats(self) -> dict:
+        return {"tokens": dict(self.tokens), "context": dict(self.context),
+                "target_pass_sizes": dict(sorted(self.target_pass_sizes.items(),
+                                                 key=lambda kv: int(kv[0][2:])))}
 
 
 class SimulatedTargetOnly:
@@ -83,7 +103,10 @@ class SimulatedTargetOnly:
         if not chunks:
             return {}
         tokens = sum(len(c.tokens) for c in chunks)
-        self.executor.charge("target", self.executor.seconds("target", tokens))
+        # Each chunk's slots are the last of its request's kv_slots: its attention reads them all.
+        context = sum(len(c.req.kv_slots) for c in chunks)
+        self.executor.charge("target", self.executor.seconds("target", tokens, context),
+                             tokens=tokens, context=context)
         out = {}
         for c in chunks:
             if c.needs_logits:
@@ -103,8 +126,9 @@ class SimulatedGenerator(SpeculativeGenerator):
         self.num_pruned_rows = 0
 
     # -- passes --------------------------------------------------------------------------------
-    def _pass(self, model: str, tokens: int) -> None:
-        seconds = self.executor.charge(model, self.executor.seconds(model, tokens))
+    def _pass(self, model: str, tokens: int, context: int = 0) -> None:
+        seconds = self.executor.charge(model, self.executor.seconds(model, tokens, context),
+                                       tokens=tokens, context=context)
         self._observe_pass(model, tokens, seconds)  # the real feedback: pass_costs + policy
 
     def calibrate(self, repeats: int = 2) -> float:
@@ -116,7 +140,9 @@ class SimulatedGenerator(SpeculativeGenerator):
             for model, sizes in (("target", target_sizes), ("draft", draft_sizes)):
                 for n in sizes:
                     if n <= budget:
-                        seconds = self.executor.seconds(model, n) * self.executor.noise()
+                        # One sequence of n tokens (target) or n one-token requests (draft):
+                        # either way the attention reads n KV slots.
+                        seconds = self.executor.seconds(model, n, n) * self.executor.noise()
                         self._observe_pass(model, n, seconds)
         return 0.0
 
@@ -158,28 +184,32 @@ class SimulatedGenerator(SpeculativeGenerator):
         if not step_reqs and not behind:
             return
         self._yield_point()  # before any draft_cached moves
-        tokens = 0
+        tokens = context = 0  # context: the draft KV each request's attention reads (cached + fed)
         for req in step_reqs:
             committed = len(req.kv_slots) - k_of[id(req)]
             tokens += committed - req.draft_cached
             req.draft_cached = committed
+            context += committed
         for req in behind:
             tokens += catch_up[id(req)]
             req.draft_cached += catch_up[id(req)]
-        self._pass("draft", tokens)  # pass 0: catch-up rows; each drafting request gets d_1
+            context += req.draft_cached
+        self._pass("draft", tokens, context)  # pass 0: catch-up rows; each drafting request gets d_1
         made = {id(r): 1 for r in step_reqs}
         live = [r for r in step_reqs if made[id(r)] < goal[id(r)]]
         while live:
             self._yield_point()
             for r in live:
-                r.draft_cached += 1
+                r.draft_cached += 1  # the pass reads the draft KV up to and including its feed
                 made[id(r)] += 1
-            self._pass("draft", len(live))
+            self._pass("draft", len(live), sum(r.draft_cached for r in live))
             live = [r for r in live if made[id(r)] < goal[id(r)]]
 
     def _verify(self, chunks, k_of, outcomes) -> dict[int, Verification]:
-        """The target pass: every chunk's tokens plus every draft; with early exit, its prunes."""
+        """The target pass: every chunk's tokens plus every draft; with early exit, its prunes.
+        Its context: every request's KV slots (cached tokens, the chunk, the drafts)."""
         tokens = sum(len(c.tokens) + k_of.get(id(c.req), 0) for c in chunks)
+        context = sum(len(c.req.kv_slots) for c in chunks)
         verifications: dict[int, Verification] = {}
         if self.early_exit is not None:
             for i, c in enumerate(chunks):
@@ -187,13 +217,15 @@ class SimulatedGenerator(SpeculativeGenerator):
                 if k:
                     verifications[id(c.req)] = Verification(i, k, None, accept_rate=self._accept_rate(c.req))
         if not verifications:
-            self._pass("target", tokens)
+            self._pass("target", tokens, context)
             return verifications
         spt = self._seconds_per_token([c.req for c in chunks if c.needs_logits], k_of, tokens)
         by_index = {v.index: outcomes[id(chunks[v.index].req)] for v in verifications.values()}
+        # A segment with n rows left: the rows pruned are each one token of feed and of context.
         seconds = self.early_exit.run(tokens, list(verifications.values()), by_index, spt,
-                                      lambda n: self.executor.seconds("target", n))
-        self._observe_pass("target", tokens, self.executor.charge("target", seconds))
+                                      lambda n: self.executor.seconds("target", n, context - (tokens - n)))
+        self._observe_pass("target", tokens, self.executor.charge("target", seconds, tokens=tokens,
+                                                                  context=context))
         pruned = sum(v.num_drafts - v.verified for v in verifications.values())
         self.num_pruned_rows += pruned
         if pruned and self.on_early_exit is not None:

@@ -19,7 +19,10 @@ A pipelined step, on the virtual clock:
 2. then rounds: the target verifies frontier j of every live request on its side of the split
    while the draft side makes frontier j+1 for the requests that have one.  The round lasts
    max(verification on the target side, the draft side's passes), each priced by the profile's
-   split curves (``cost_profile.SplitCost``: a side's pass while the other runs).  A round in
+   split curves (``cost_profile.SplitCost``: a side's pass while the other runs), with the
+   context term where the profile has one (a frontier's verification reads each request's
+   committed KV plus its drafts up to the frontier's end; a draft pass, each request's draft KV
+   up to its feed).  A round in
    which nothing is drafted (the last frontiers) verifies on the whole machine, as the real
    generator does when no draft round is in flight;
 3. a request leaves the pipeline at its frontier's first rejection, as the acceptance model
@@ -98,20 +101,23 @@ class SimulatedFrontierGenerator(FrontierGenerator, SimulatedGenerator):
                          early_exit, splits=splits, frontier_size=frontier_size)
 
     # -- costs ---------------------------------------------------------------------------------
-    def _side_pass(self, split, model: str, tokens: int, seconds: float | None = None) -> float:
+    def _side_pass(self, split, model: str, tokens: int, seconds: float | None = None,
+                   context: int = 0) -> float:
         """Charge one pass on ``split``'s side for ``model`` (None: the whole machine) without
         moving the clock, and report it where the real generator would: the controller's curve
-        for that side, or the whole machine's curves and the policy."""
+        for that side, or the whole machine's curves and the policy.  ``context``: the KV tokens
+        its attention reads (cached + fed, over its requests)."""
         if seconds is None:
-            seconds = self._pass_seconds(split, model, tokens)
-        seconds = self.executor.charge(model, seconds, advance=False)
+            seconds = self._pass_seconds(split, model, tokens, context)
+        seconds = self.executor.charge(model, seconds, advance=False, tokens=tokens, context=context)
         side = (split.target_side if model == "target" else split.draft_side) if split else None
         with self._on_side(split, side) if split else contextlib.nullcontext():
             self._observe_pass(model, tokens, seconds)
         return seconds
 
-    def _pass_seconds(self, split, model: str, tokens: float) -> float:
-        return self.executor.seconds(model, tokens) if split is None else split.cost.seconds(model, tokens)
+    def _pass_seconds(self, split, model: str, tokens: float, context: float = 0) -> float:
+        return self.executor.seconds(model, tokens, context) if split is None else \
+            split.cost.seconds(model, tokens, context)
 
     def calibrate(self, repeats: int = 2) -> float:
         """The serial calibration, then each split's as ``FrontierGenerator.calibrate`` does it:
@@ -131,7 +137,8 @@ class SimulatedFrontierGenerator(FrontierGenerator, SimulatedGenerator):
         return 0.0
 
     def _calibration_pass(self, split, model: str, tokens: int) -> None:
-        seconds = self._pass_seconds(split, model, tokens) * self.executor.noise()
+        # As SimulatedGenerator.calibrate: the pass's attention reads its own n tokens.
+        seconds = self._pass_seconds(split, model, tokens, tokens) * self.executor.noise()
         with self._on_side(split, split.target_side if model == "target" else split.draft_side):
             self._observe_pass(model, tokens, seconds)
 
@@ -174,9 +181,9 @@ class SimulatedFrontierGenerator(FrontierGenerator, SimulatedGenerator):
         reqs = [q for q in reqs if made[id(q)] < goals[id(q)]]
         while reqs:
             for q in reqs:
-                q.draft_cached += 1
+                q.draft_cached += 1  # the pass reads the draft KV up to and including its feed
                 made[id(q)] += 1
-            seconds += self._side_pass(split, "draft", len(reqs))
+            seconds += self._side_pass(split, "draft", len(reqs), context=sum(q.draft_cached for q in reqs))
             reqs = [q for q in reqs if made[id(q)] < goals[id(q)]]
         return seconds
 
@@ -185,11 +192,12 @@ class SimulatedFrontierGenerator(FrontierGenerator, SimulatedGenerator):
         (None: the whole machine); returns its seconds and early exit's Verification per request.
         Frontier 0 feeds each request's newest token too; a later frontier's first draft is
         verified by the row held from the round before, so the pass scores the rest."""
-        tokens, verifications, outcomes = 0, {}, {}
+        tokens, context, verifications, outcomes = 0, 0, {}, {}
         for i, q in enumerate(live):
             run = runs[id(q)]
             start, end = run.span(r)
             tokens += (1 if r == 0 else 0) + end - start
+            context += run.base + end  # committed KV (to the newest token) + drafts to the frontier's end
             first = start if r == 0 else start + 1
             if self.early_exit is not None and end > first:
                 v = Verification(i, end - first, None, accept_rate=self._accept_rate(q))
@@ -197,16 +205,16 @@ class SimulatedFrontierGenerator(FrontierGenerator, SimulatedGenerator):
                 # Accepted of the drafts this pass scores (-1: the held row rejects the first).
                 outcomes[i] = min(end, accepted[id(q)]) - first
         if not verifications:
-            return self._side_pass(split, "target", tokens), verifications
+            return self._side_pass(split, "target", tokens, context=context), verifications
         left = {id(q): runs[id(q)].k - runs[id(q)].span(r)[0] for q in live}  # drafts still to verify
         spt = self._seconds_per_token(live, left, tokens)
         seconds = self.early_exit.run(tokens, list(verifications.values()), outcomes, spt,
-                                      lambda n: self._pass_seconds(split, "target", n))
+                                      lambda n: self._pass_seconds(split, "target", n, context - (tokens - n)))
         pruned = sum(v.num_drafts - v.verified for v in verifications.values())
         self.num_pruned_rows += pruned
         if pruned and self.on_early_exit is not None:
             self.on_early_exit(pruned)
-        return self._side_pass(split, "target", tokens, seconds), verifications
+        return self._side_pass(split, "target", tokens, seconds, context), verifications
 
     def _sim_accept_frontier(self, q, r: int, run: _Run, v, accepted_total: int) -> None:
         """FrontierGenerator._accept_frontier with the acceptance model's verdict instead of the
