@@ -231,23 +231,8 @@ class SimulatedFrontierGenerator(FrontierGenerator, SimulatedGenerator):
         # SpeculativeGenerator._accept: the accepted drafts and the target's token, except that
         # a fully accepted frontier whose bonus row was pruned ends without one.
         emitted = [DUMMY_TOKEN] * (accepted + 1 if accepted < count or bonus else accepted)
-        if v is not None:
-            self.early_exit.record_outcome(v, accepted - (0 if r == 0 else 1))
-        run.tested += count
-        run.accepted += accepted
-        if accepted < count:  # rejected: the target's token ends the run
-            run.emitted += emitted
-            run.done = True
-        elif not bonus:  # pruned by early exit: no bonus row, the last token's KV unfinished
-            run.emitted += emitted
-            run.done, run.keep_last_kv = True, False
-            run.pruned_from = run.tested
-            run.skipped = 1.0 - v.pruned_at / self._target_depth()
-        elif end < run.k:  # (no stop tokens in the simulator) the bonus row tests the next frontier
-            run.emitted += emitted[:-1]
-        else:
-            run.emitted += emitted
-            run.done = True
+        # The real booking (FrontierGenerator._close_frontier); no stop tokens in the simulator.
+        self._close_frontier(run, r, v, count, accepted, bonus, emitted, end < run.k)
 
     # -- the record ----------------------------------------------------------------------------
     def pipeline_stats(self) -> dict:

@@ -374,11 +374,22 @@ class FrontierGenerator(SpeculativeGenerator):
                                          prefix=run.emitted)
         figures = self._emitted_logprobs.pop(id(q), [])
         before = len(run.emitted)
+        stops = q.stop.stop_token_ids
+        if self._close_frontier(run, r, v, count, accepted, bonus, emitted,
+                                end < run.k and not any(t in stops for t in emitted[:-1])):
+            run.held = rows[-1]  # the bonus row tests the next frontier's first draft
+        run.logprobs += figures[: len(run.emitted) - before]
+
+    def _close_frontier(self, run: _Run, r: int, v, count: int, accepted: int, bonus: bool,
+                        emitted: list[int], may_go_on: bool) -> bool:
+        """Book frontier r's verdict (``accepted`` of the ``count`` drafts tested, ``emitted``
+        the tokens it gives) into ``run``, and early exit's feedback.  ``may_go_on``: another
+        frontier follows and no stop token came.  True when the run goes on: the emitted
+        tokens but the last are kept, and the bonus row tests the next frontier's first draft."""
         if v is not None:
             self.early_exit.record_outcome(v, accepted - (0 if r == 0 else 1))
         run.tested += count
         run.accepted += accepted
-        stops = q.stop.stop_token_ids
         if accepted < count:  # rejected: the target's token ends the run
             run.emitted += emitted
             run.done = True
@@ -386,14 +397,14 @@ class FrontierGenerator(SpeculativeGenerator):
             run.emitted += emitted
             run.done, run.keep_last_kv = True, False
             run.pruned_from = run.tested
-            run.skipped = 1.0 - v.pruned_at / self.target.model.num_layers
-        elif end < run.k and not any(t in stops for t in emitted[:-1]):
-            run.emitted += emitted[:-1]  # the bonus row tests the next frontier's first draft
-            run.held = rows[-1]
+            run.skipped = 1.0 - v.pruned_at / self._target_depth()
+        elif may_go_on:
+            run.emitted += emitted[:-1]
+            return True
         else:
             run.emitted += emitted
             run.done = True
-        run.logprobs += figures[: len(run.emitted) - before]
+        return False
 
     def _finish(self, decodes, runs) -> dict[Request, list[int]]:
         """Append what each request emitted, give back the slots of drafts not kept."""
