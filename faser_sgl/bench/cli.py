@@ -67,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="MMPP peak / trough (real traces show 10-35x)")
     g.add_argument("--bursty-mean-dwell", type=float, default=30.0, help="MMPP mean seconds per state")
     g.add_argument("--trace", help="JSON lines with a 'timestamp' (ms) per request, or an Azure LLM inference "
-                                   "trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens; arrival times only), "
+                                   "trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens; arrival times only; "
+                                   "azure-code and azure-conv ship with faser_sgl), "
                                    "replayed instead of the MMPP (at most --bursty-num-prompts requests)")
     g.add_argument("--trace-time-scale", type=float, default=1.0,
                    help="stretch the trace's arrival offsets by this factor (10: a tenth of its rate)")

@@ -14,6 +14,26 @@ from pathlib import Path
 
 import numpy as np
 
+# The two Azure LLM inference traces ship inside the package (their README there carries the
+# CC-BY 4.0 citation), so a short name works on every machine and in every installed copy.
+TRACE_DIR = Path(__file__).resolve().parents[1] / "data" / "traces"
+AZURE_TRACES = {"azure-code": TRACE_DIR / "AzureLLMInferenceTrace_code.csv",
+                "azure-conv": TRACE_DIR / "AzureLLMInferenceTrace_conv.csv"}
+
+
+def resolve_trace(spec: str | Path) -> Path:
+    """A shipped trace's short name (azure-code, azure-conv) -> its file; anything else is a path."""
+    return AZURE_TRACES.get(str(spec), Path(spec))
+
+
+def trace_label(path: str | Path) -> str:
+    """How reports name a trace: shipped ones by their place in the package (the same on every
+    machine), others by the path given."""
+    path = Path(path)
+    if path.resolve().parent == TRACE_DIR:
+        return f"faser_sgl/data/traces/{path.name}"
+    return str(path)
+
 
 @dataclass
 class Workload:
@@ -99,8 +119,8 @@ def mmpp_arrivals(num: int, trough_rate: float, peak_ratio: float, mean_dwell_s:
 
 @dataclass
 class AzureTrace:
-    """An Azure LLM inference trace (CSV: TIMESTAMP, ContextTokens, GeneratedTokens), e.g.
-    /work/shared/traces/ (Patel et al., "Splitwise", ISCA 2024; CC-BY 4.0): arrival offsets in
+    """An Azure LLM inference trace (CSV: TIMESTAMP, ContextTokens, GeneratedTokens), e.g. the
+    two in faser_sgl/data/traces/ (Patel et al., "Splitwise", ISCA 2024; CC-BY 4.0): arrival offsets in
     seconds from the first request, with each request's prompt and output length."""
 
     offsets_s: list[float]
@@ -155,17 +175,19 @@ def describe_trace(path: str, time_scale: float, sample: float, num: int | None,
     if num is not None:
         how.append(f"at most the first {num}")
     how.append(f"time x{time_scale:g} (offered rate / {time_scale:g})" if time_scale != 1.0 else "real time")
-    return f"{path} ({', '.join(how)})"
+    return f"{trace_label(path)} ({', '.join(how)})"
 
 
 def trace_arrivals(path: str, num: int | None, time_scale: float = 1.0, sample: float = 1.0,
                    rng: np.random.Generator | None = None) -> list[float]:
     """Arrival offsets from a recorded trace, replayed relative to the first kept entry: JSON
     lines with a ``timestamp`` in milliseconds (the Mooncake/SGLang trace format), or an Azure
-    CSV (``read_azure_trace``).  ``time_scale`` stretches the offsets (2: half the rate);
-    ``sample`` keeps each entry with that probability (``select_trace``)."""
+    CSV (``read_azure_trace``), by path or a shipped trace's short name (``resolve_trace``).
+    ``time_scale`` stretches the offsets (2: half the rate); ``sample`` keeps each entry with
+    that probability (``select_trace``)."""
     if time_scale <= 0 or not 0 < sample <= 1:
         raise SystemExit("--trace-time-scale must be > 0 and --trace-sample in (0, 1]")
+    path = str(resolve_trace(path))
     if is_azure_csv(path):
         stamps = read_azure_trace(path).offsets_s
     else:
@@ -202,9 +224,10 @@ def build_workloads(args, prompts: list[str], lens: list[int]) -> list[Workload]
         rng = np.random.default_rng([args.seed, 1000])
         texts, text_lens = pick_prompts(prompts, lens, len(arrivals), rng)
         span = max(arrivals[-1], 1e-9)
+        described = describe_trace(str(resolve_trace(args.trace)), scale, sample, args.bursty_num_prompts,
+                                   len(arrivals))
         workloads.append(Workload("trace", len(arrivals) / span, texts, text_lens, arrivals,
-                                  args.output_len, {"trace": describe_trace(
-                                      str(args.trace), scale, sample, args.bursty_num_prompts, len(arrivals))}))
+                                  args.output_len, {"trace": described}))
     elif args.bursty_num_prompts > 0:
         rng = np.random.default_rng([args.seed, 1000])
         arrivals, periods = mmpp_arrivals(args.bursty_num_prompts, args.bursty_trough_rate,

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from faser_sgl.bench.workloads import (describe_trace, is_azure_csv, mmpp_arrivals, poisson_arrivals,
-                                       read_azure_trace, select_trace, trace_arrivals)
+# AZURE_TRACES / resolve_trace: the traces shipped in faser_sgl/data/traces/, shared with the harness.
+from faser_sgl.bench.workloads import (AZURE_TRACES, describe_trace, is_azure_csv, mmpp_arrivals,
+                                       poisson_arrivals, read_azure_trace, resolve_trace, select_trace,
+                                       trace_arrivals)
 
-TRACE_DIR = Path("/work/shared/traces")
-AZURE_TRACES = {"azure-code": TRACE_DIR / "AzureLLMInferenceTrace_code.csv",
-                "azure-conv": TRACE_DIR / "AzureLLMInferenceTrace_conv.csv"}
 AZURE_CITATION = ("Azure LLM inference trace 2023 (Azure Public Dataset, CC-BY 4.0): Patel et al., "
                   "\"Splitwise: Efficient generative LLM inference using phase splitting\", ISCA 2024")
 
@@ -43,10 +42,6 @@ class SimWorkload:
     @property
     def num_requests(self) -> int:
         return len(self.arrivals_s)
-
-
-def resolve_trace(spec: str) -> Path:
-    return AZURE_TRACES.get(spec, Path(spec))
 
 
 class LengthSource:
