@@ -19,6 +19,7 @@ import psutil
 import setproctitle
 import torch
 
+from faser_sgl.executor.device import indexed_device, is_cuda
 from faser_sgl.managers import faults, server_state
 from faser_sgl.managers.batch_planner import BatchPlanner
 from faser_sgl.managers.control import ControlHandler
@@ -63,18 +64,31 @@ def unsupported_feature(msg) -> str | None:
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return torch.bfloat16 if is_cuda(device) else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def scheduler_device(attention_backend: str, gpu_id: int | None = None, current_index=None) -> str:
+    """The one device the scheduler's models run on: "cpu", or "cuda:N" for the FlashInfer
+    backend, N being the launcher's GPU id (the current CUDA device when there is none, as for
+    the in-process test scheduler).  Always indexed (executor/device.py says why)."""
+    if attention_backend != "flashinfer":
+        return "cpu"
+    return str(indexed_device("cuda", gpu_id, current_index))
+
+
 class Scheduler:
-    def __init__(self, server_args, port_args, options: FaserOptions, sockets=None):
+    def __init__(self, server_args, port_args, options: FaserOptions, sockets=None,
+                 gpu_id: int | None = None):
         from faser_sgl.executor.model_runner import ModelRunner
         from faser_sgl.executor.sampler import Sampler
 
         self.server_args = server_args
         self.options = options
-        self.device = "cuda" if options.attention_backend == "flashinfer" else "cpu"
+        self.device = scheduler_device(options.attention_backend, gpu_id)
+        if is_cuda(self.device):
+            # Work that names no device (Triton launches, new streams) goes to ours too.
+            torch.cuda.set_device(self.device)
         dtype_name = options.dtype if options.dtype != "auto" or server_args.dtype in (None, "auto") \
             else server_args.dtype
         self.dtype = resolve_dtype(dtype_name, self.device)
@@ -103,7 +117,7 @@ class Scheduler:
             # model_runner.DEFAULT_MEM_FRACTION); on a CPU a fixed pool, since RAM is not what
             # limits how many requests a CPU serves.
             max_total_tokens=server_args.max_total_tokens or (
-                None if self.device == "cuda" else options.default_kv_slots),
+                None if is_cuda(self.device) else options.default_kv_slots),
             draft=draft_runner,
         )
         config = self.runner.config
@@ -552,7 +566,7 @@ def run_scheduler_process(server_args, port_args, gpu_id, tp_rank, pp_rank, dp_r
         t0 = time.perf_counter()
         options = FaserOptions.from_env()
         sockets = SchedulerSockets(port_args)
-        scheduler = Scheduler(server_args, port_args, options, sockets=sockets)
+        scheduler = Scheduler(server_args, port_args, options, sockets=sockets, gpu_id=gpu_id)
         pipe_writer.send(scheduler.init_info({"scheduler_init": time.perf_counter() - t0}))
         scheduler.run_forever(parent_pid)
     except Exception:

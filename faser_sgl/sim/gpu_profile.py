@@ -236,9 +236,11 @@ class Profiler:
             self.plan["target"] = target_shape
         if device is None:
             device = "cpu" if dry_run else "cuda"
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise SystemExit("no CUDA device: run with --dry-run on a CPU")
+        from faser_sgl.executor.device import indexed_device
+
+        self.device = indexed_device(device)  # "cuda:N": lanes and green contexts need the index
         self.dtype = getattr(torch, self.plan["dtype"])
         self.prof: dict = {"status": "running", "dry_run": dry_run, "budget_s": budget_s,
                            "plan": {k: v for k, v in self.plan.items()}, "skipped": {}, "errors": []}
@@ -467,7 +469,7 @@ class Profiler:
         for sms in (16, 32, total // 2 // 8 * 8):
             if 0 < sms < total:
                 s = lanes.CudaSplit(self.device, sms)
-                out.append((f"green_ctx_{sms}sm" if s.name.endswith("sm") else f"green_ctx_{sms}sm_unavailable", s))
+                out.append((f"green_ctx_{sms}sm" if s.green else f"green_ctx_{sms}sm_unavailable", s))
         return out
 
     def overlap(self) -> None:
@@ -480,6 +482,9 @@ class Profiler:
             self.prof["overlap"]["error"] = repr(err)
             return
         self.prof["overlap"]["splits"] = [s.name for _, s in splits]
+        fallbacks = {s.name: s.fallback_reason for _, s in splits if getattr(s, "fallback_reason", None)}
+        if fallbacks:  # green contexts asked for and refused: why, beside the plain-stream numbers
+            self.prof["overlap"]["green_ctx_fallbacks"] = fallbacks
         try:
             for b, q in plan["overlap_shapes"]:
                 if not self.guard(f"overlap {b}x{q}", 15):

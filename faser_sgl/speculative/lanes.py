@@ -14,18 +14,26 @@ machine back afterwards, so a serial step still runs at full width.
   the request state and the sampler stay shared, and a pass is long next to its Python work.
 - CUDA (``CudaSplit``): the lane runs on its own stream, the target on another; with
   FlashInfer's green contexts the two streams own disjoint sets of SMs (Hopper hands them out
-  in multiples of 8), otherwise they share the device (plain streams).
+  in multiples of 8), otherwise they share the device (plain streams).  A split that asked for
+  SMs and did not get them says so: a warning with the reason, ``green`` False,
+  ``fallback_reason``, and a name of its own (``cuda_split_name``), since the frontier
+  controller keeps one pair of cost curves per split name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import threading
 from concurrent.futures import Future
 
 import torch
+
+from faser_sgl.executor.device import indexed_device
+
+logger = logging.getLogger("faser_sgl.lanes")
 
 
 def _thread_ids() -> set[int]:
@@ -144,28 +152,54 @@ class SharedSplit:
         self.lane.close()
 
 
+def cuda_split_name(asked_sms: int | None, draft_sms: int | None = None,
+                    target_sms: int | None = None) -> str:
+    """A CUDA split's name, distinct per kind of split: "cuda:116+16sm" (green contexts: the
+    target's and the draft's SMs as granted), "cuda:streams" (plain streams, as asked), or
+    "cuda:streams[16sm unavailable]" (green contexts asked for 16 draft SMs and refused)."""
+    if draft_sms is not None:
+        return f"cuda:{target_sms}+{draft_sms}sm"
+    if asked_sms is None:
+        return "cuda:streams"
+    return f"cuda:streams[{asked_sms}sm unavailable]"
+
+
+def green_context_streams(device: torch.device, draft_sms: int):
+    """(draft stream, target stream, draft SMs, target SMs) on two green contexts of
+    ``device`` (an indexed CUDA device), through FlashInfer; raises where that is impossible
+    (no flashinfer or cuda-bindings, a driver without green contexts, too many SMs asked).
+    FlashInfer rounds the SM count up to the device's granularity, so the counts returned are
+    the ones granted."""
+    from flashinfer.green_ctx import split_device_green_ctx_by_sm_count
+
+    streams, resources = split_device_green_ctx_by_sm_count(device, [draft_sms])
+    return streams[0], streams[-1], int(resources[0].sm.smCount), int(resources[-1].sm.smCount)
+
+
 class CudaSplit:
     """Draft and target on two CUDA streams; on disjoint SMs where green contexts exist."""
 
-    def __init__(self, device: torch.device, draft_sms: int | None = None):
-        self.device = torch.device(device)
-        total = torch.cuda.get_device_properties(self.device).multi_processor_count
+    def __init__(self, device: torch.device | str, draft_sms: int | None = None):
+        self.device = indexed_device(device)  # set_device and green contexts need "cuda:N"
         self.draft_sms = draft_sms
-        streams = None
+        self.green = False
+        self.fallback_reason: str | None = None
+        granted = (None, None)
         if draft_sms is not None:
             try:
-                from flashinfer.green_ctx import split_device_green_ctx_by_sm_count
-
-                streams, _ = split_device_green_ctx_by_sm_count(self.device, [draft_sms])
-            except Exception:  # noqa: BLE001 - no flashinfer, driver or SM count: plain streams
-                streams = None
-        if streams is not None:
-            self.draft_stream, self.target_stream = streams[0], streams[-1]
-            self.name = f"cuda:{total - draft_sms}+{draft_sms}sm"
-        else:
+                self.draft_stream, self.target_stream, *granted = green_context_streams(self.device, draft_sms)
+                self.green = True
+            except Exception as exc:  # noqa: BLE001 - any refusal leaves plain streams, said aloud
+                self.fallback_reason = f"{type(exc).__name__}: {exc}"
+                granted = (None, None)
+        if not self.green:
             self.draft_stream = torch.cuda.Stream(self.device)
             self.target_stream = torch.cuda.Stream(self.device)
-            self.name = "cuda:streams"
+        self.name = cuda_split_name(draft_sms, *granted)
+        if self.fallback_reason is not None:
+            logger.warning("no green contexts for a %d-SM draft side on %s (%s): split %s runs "
+                           "on plain streams sharing every SM", draft_sms, self.device,
+                           self.fallback_reason, self.name)
         self.lane = Lane(f"draft-lane[{self.name}]", lambda: torch.cuda.set_device(self.device))
 
     @contextlib.contextmanager
@@ -212,7 +246,7 @@ def make_splits(device: torch.device | str, draft_share: int | None = None) -> l
     """The candidate splits of this machine (the controller picks per step among them and
     running in turn).  ``draft_share``: pin one split (draft cores or SMs); None: a few
     candidates.  An empty list: nothing to split (a single core)."""
-    device = torch.device(device)
+    device = indexed_device(device)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).multi_processor_count
         if draft_share == 0:
@@ -224,7 +258,7 @@ def make_splits(device: torch.device | str, draft_share: int | None = None) -> l
             return [CudaSplit(device, draft_share)]
         # Multiples of 8 SMs (Hopper's green-context granularity): a quarter and a half.
         shares = sorted({max(8, (total // 4) // 8 * 8), max(8, (total // 2) // 8 * 8)})
-        return [CudaSplit(device, s) for s in shares if s < total]
+        return _distinct([CudaSplit(device, s) for s in shares if s < total])
     cores = sorted(os.sched_getaffinity(0))
     if draft_share == 0:
         return [SharedSplit()]
@@ -235,4 +269,15 @@ def make_splits(device: torch.device | str, draft_share: int | None = None) -> l
         shares = [draft_share]
     else:
         shares = sorted({s for s in (1, len(cores) // 4, len(cores) // 2) if 1 <= s < len(cores)})
-    return [CpuSplit(cores[: len(cores) - s], cores[len(cores) - s:]) for s in shares]
+    return _distinct([CpuSplit(cores[: len(cores) - s], cores[len(cores) - s:]) for s in shares])
+
+
+def _distinct(splits: list) -> list:
+    """The splits, checked to have distinct names: the frontier controller keys each split's
+    cost curves by name, so two splits of one name would share (and blur) one pair of curves."""
+    names = [s.name for s in splits]
+    if len(set(names)) != len(names):
+        for s in splits:
+            s.close()
+        raise RuntimeError(f"hardware splits need distinct names, got {names}")
+    return splits
