@@ -6,9 +6,11 @@ The router is the SGLang Model Gateway (``smg`` on PyPI, the continuation of sgl
 cache-aware routing, health checks, load polling through SGLang's /v1/loads, retries of failed
 requests on another worker.  Each replica is an unchanged ``faser_sgl.launch_server`` on
 127.0.0.1 (port --worker-base-port + i) with its own share of the CPU cores (affinity, and
---faser-num-threads unless given) or, with the flashinfer backend, its own GPU.  Replicas map
-the checkpoint copy-on-write (executor/loader.py), so the weights they use as stored share the
-page cache (docs/cluster.md has the memory figures).
+--faser-num-threads unless given) or, with the flashinfer backend, its own GPU.  Two or more
+CPU replicas get --faser-share-weights-mmap unless --no-faser-share-weights-mmap is given: they
+map the checkpoint copy-on-write (executor/loader.py), so they share one copy of the weights in
+the page cache, which the kernel may evict under memory pressure (docs/cluster.md has the
+memory figures and the risk).
 ``--worker-urls`` adds workers that run elsewhere (other machines); ``--replicas 0`` with it
 starts the router alone.  Ctrl-C / SIGTERM stops the router and the replicas (each drains its
 running requests, --faser-shutdown-timeout) and exits 0.
@@ -131,6 +133,10 @@ def build_replicas(args, server_argv: list[str], log_dir: Path) -> list[Process]
     cores = split_cores(list(os.sched_getaffinity(0)), args.replicas, args.cores_per_replica)
     on_gpu = "flashinfer" in server_argv and _has_flag(server_argv, "--faser-attention-backend")
     gpus = _gpu_ids() if on_gpu and args.replicas else []
+    # Replicas on one machine's CPUs share the mapped checkpoint rather than hold a private copy
+    # each, unless the flag (or its --no- form) is given explicitly.
+    share_weights = not on_gpu and args.replicas >= 2 and not any(
+        _has_flag(server_argv, f) for f in ("--faser-share-weights-mmap", "--no-faser-share-weights-mmap"))
     replicas = []
     for i in range(args.replicas):
         port = args.worker_base_port + i
@@ -138,6 +144,8 @@ def build_replicas(args, server_argv: list[str], log_dir: Path) -> list[Process]
                "--port", str(port), *server_argv]
         if not _has_flag(server_argv, "--faser-num-threads"):
             cmd += ["--faser-num-threads", str(len(cores[i]))]
+        if share_weights:
+            cmd.append("--faser-share-weights-mmap")
         env = {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {}
         replicas.append(Process(f"replica {i}", cmd, log_dir / f"replica-{i}-{port}.log", env, cores[i]))
     return replicas

@@ -34,6 +34,9 @@ class FaserOptions:
     # CPU float32 linear layers: "auto" = executor/cpu_linear.py (pre-packed oneDNN weights at
     # the row counts where start-up timing finds them faster), "off" = torch's F.linear.
     cpu_linear: str = "auto"
+    # CPU: keep the weights as views of the checkpoint's page cache (shared by the replicas of
+    # launch_cluster, evictable under memory pressure) instead of this process's own memory.
+    share_weights_mmap: bool = False
     # Torch intra-op threads for the scheduler process (0 = torch default).
     num_threads: int = 0
     # Speculative decoding: none (target only), fixed (K drafts per request per step, the
@@ -107,10 +110,18 @@ class FaserOptions:
         group.add_argument("--faser-max-step-tokens", type=int, default=FaserOptions.max_step_tokens,
                            help="token budget of one forward pass (prefill chunks + decodes)")
         group.add_argument("--faser-cpu-linear", choices=["auto", "off"], default=FaserOptions.cpu_linear,
-                           help="CPU float32 projections and LM head: auto = pre-packed oneDNN weights "
-                                "where timing at start-up finds them faster (verification passes of "
-                                "several tokens cost little more than one; a second copy of the "
-                                "weights), off = torch's F.linear")
+                           help="CPU float32 projections and LM head: auto = each weight kept in the "
+                                "one form that timing at start-up finds faster on this CPU, oneDNN "
+                                "pre-packed (verification passes of several tokens cost little more "
+                                "than one) or plain; off = torch's F.linear everywhere")
+        group.add_argument("--faser-share-weights-mmap", action=argparse.BooleanOptionalAction,
+                           default=FaserOptions.share_weights_mmap,
+                           help="CPU: keep the weights as views of a map of the checkpoint file, so "
+                                "that every server of that checkpoint on this machine shares one copy "
+                                "(launch_cluster passes it to its replicas); projections are then "
+                                "neither fused nor packed. Risk: the kernel may evict those pages "
+                                "under memory pressure, and a pass then waits for the disk. Default: "
+                                "the weights are this process's own memory")
         group.add_argument("--faser-num-threads", type=int, default=0,
                            help="torch threads in the scheduler process (0: torch default)")
         group.add_argument("--speculative-policy", choices=["none", "fixed", "adaptive", "faser"],
@@ -242,6 +253,7 @@ class FaserOptions:
             max_step_tokens=args.faser_max_step_tokens,
             num_threads=args.faser_num_threads,
             cpu_linear=args.faser_cpu_linear,
+            share_weights_mmap=args.faser_share_weights_mmap,
             speculative_policy=args.speculative_policy,
             speculative_draft_model_path=draft,
             speculative_num_draft_tokens=args.speculative_num_draft_tokens,

@@ -5,6 +5,7 @@ the router keeps serving on the other."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -113,6 +114,26 @@ def test_cluster_arguments_and_core_split():
         parse_args(["--replicas", "0"])  # nothing to route to
     args, rest = parse_args(["--replicas", "0", "--worker-urls", "http://a:1", "http://b:2"])
     assert args.worker_urls == ["http://a:1", "http://b:2"] and rest == []
+
+
+def test_cpu_replicas_share_the_mapped_checkpoint_unless_told_not_to(tmp_path):
+    from faser_sgl.launch_cluster import build_replicas
+    from faser_sgl.options import FaserOptions
+
+    def flags(argv):
+        args, rest = parse_args(argv)
+        return [r.cmd for r in build_replicas(args, rest, tmp_path)]
+
+    two = flags(["--replicas", "2", "--model-path", "m"])
+    assert all(cmd.count("--faser-share-weights-mmap") == 1 for cmd in two)
+    assert "--faser-share-weights-mmap" not in flags(["--replicas", "1", "--model-path", "m"])[0]
+    told = flags(["--replicas", "2", "--model-path", "m", "--no-faser-share-weights-mmap"])
+    assert all("--faser-share-weights-mmap" not in cmd for cmd in told)
+    # the flag reaches the scheduler's options
+    parser = argparse.ArgumentParser()
+    FaserOptions.add_cli_args(parser)
+    assert parser.parse_args(["--faser-share-weights-mmap"]).faser_share_weights_mmap is True
+    assert parser.parse_args([]).faser_share_weights_mmap is False
 
 
 def test_dp_size_is_refused_with_a_pointer_to_the_cluster_launcher(tiny_model_factory):

@@ -1,113 +1,136 @@
-"""CPU linear layers whose cost grows slowly with the rows of a pass.
+"""CPU linear layers whose cost grows slowly with the rows of a pass, one copy of each weight.
 
 Speculative verification feeds K+1 tokens per request through every projection.  On a CPU,
 torch's default ``F.linear`` costs about twice as much for 5 rows as for 1 (its small-M GEMM
 kernels re-read the weights per row block), which makes every draft token nearly as dear as a
 decode step.  oneDNN with the weight reordered once into its blocked layout
 (``torch.ops.mkldnn._reorder_linear_weight``) keeps 1-8 rows close to the cost of reading the
-weights once, but is slower than ``F.linear`` at a single row on some shapes.
-docs/benchmarks.md has the measurements (scripts/bench_gemm_scaling.py).
+weights once; at a single row it is faster than ``F.linear`` on some CPUs (AMD Zen 4) and
+somewhat slower on others (the Xeon of docs/benchmarks.md).
 
-So each linear gets both: the plain weight for the row counts where ``F.linear`` is fastest and
-the packed copy for the others, chosen per weight shape by timing both at start-up
-(``choose_paths``) rather than by constants tuned to one machine.  Results differ from
-``F.linear`` only by float32 rounding.  The packed copy costs a second copy of the weights.
-CUDA never comes here (it keeps its own kernels).
+Each weight is kept in one form only, never both (a second copy of a 1.5B model's weights is
+~7 GB, which is what stopped two servers from fitting on a 24 GiB machine): packed, served by
+oneDNN at every row count, or plain, served by ``F.linear``.  Which one is decided per weight
+shape on this machine by timing both forms at the row counts a server's passes have (decode
+batches and verification runs, 1-16 rows), in interleaved trials whose medians are compared,
+so that a core taken by another process for a moment, or a slow phase of the machine, cannot
+decide it (``measure`` / ``choose_form``).  Results differ from ``F.linear`` only by float32
+rounding.  CUDA never comes here (it keeps its own kernels).
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 PACK_ROWS = 8  # the batch-size hint the weights are packed for (measured: 2-64 all alike)
-TIMED_ROWS = (1, 2, 3, 4, 5, 6, 8, 12, 16)  # above the last, the packed path is used
+TIMED_ROWS = (1, 2, 3, 5, 8, 16)  # decode batches and K+1 verification runs
+TRIALS = 5  # interleaved timing trials per row count and form; their median decides
+PACKED, PLAIN = "packed", "plain"
 
 
 def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-class PackedLinear(nn.Module):
-    """y = x W^T + b through F.linear or oneDNN with pre-packed W, by the row count of x."""
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's blocked copy of a [out, in] float32 weight (an opaque mkldnn tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed_rows: frozenset[int],
-                 packed: torch.Tensor | None = None):
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [rows, in] (contiguous) times a packed weight."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b through oneDNN, W held only in its pre-packed layout (no plain copy)."""
+
+    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.packed = packed
         self.bias = bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS) \
-            if packed is None else packed
-        self.packed_rows = packed_rows  # row counts <= TIMED_ROWS[-1] that take the packed path
+        self.out_features, self.in_features = packed.shape
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "PackedLinear":
+        return cls(pack(weight), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows <= TIMED_ROWS[-1] and rows not in self.packed_rows:
-            return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, x.shape[-1])
         if not flat.is_contiguous():
             flat = flat.contiguous()
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        out = packed_linear(flat, self.packed, self.bias)
         return out.view(*x.shape[:-1], out.shape[-1])
 
-
-def _min_ms(fn, repeats: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    def dense_weight(self) -> torch.Tensor:
+        """A new plain [out, in] copy of W (the packed layout cannot be indexed by row)."""
+        return self.packed.to_dense()
 
 
-def choose_paths(weight: torch.Tensor, packed: torch.Tensor) -> frozenset[int]:
-    """The row counts up to TIMED_ROWS[-1] that take the packed path: those of TIMED_ROWS at
-    which it measured faster on this CPU, and each count between them as the next timed count
-    above it decided (F.linear's cliffs come with more rows, so a count left to it by default
-    could fall off one: 10 rows once cost twice what 12 did)."""
-    chosen = set()
+def measure(weight: torch.Tensor, packed: torch.Tensor, rows_list=TIMED_ROWS, trials: int = TRIALS,
+            timer: Callable[[], float] | None = None) -> dict[tuple[int, str], float]:
+    """Median seconds of one product per (rows, form).  The trials are interleaved (each trial
+    times every row count on both forms, in alternating order), so that a slow phase of the
+    machine falls on both forms alike, and the median ignores a sample that one lucky or unlucky
+    moment produced."""
+    timer = timer or time.perf_counter
+    calls = {PLAIN: lambda x: F.linear(x, weight), PACKED: lambda x: packed_linear(x, packed)}
+    samples: dict[tuple[int, str], list[float]] = {}
     with torch.inference_mode():
-        for rows in TIMED_ROWS:
-            x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device="cpu")
-            plain = _min_ms(lambda: F.linear(x, weight))
-            fast = _min_ms(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
-            if fast < plain:
-                chosen.add(rows)
-    return fill_untimed(frozenset(chosen))
+        inputs = {rows: torch.randn(rows, weight.shape[1], dtype=weight.dtype) for rows in rows_list}
+        for x in inputs.values():  # warm-up: first calls pay for oneDNN's kernel creation
+            for call in calls.values():
+                call(x)
+        for trial in range(trials):
+            for i, (rows, x) in enumerate(inputs.items()):
+                order = (PLAIN, PACKED) if (trial + i) % 2 == 0 else (PACKED, PLAIN)
+                for form in order:
+                    start = timer()
+                    calls[form](x)
+                    samples.setdefault((rows, form), []).append(timer() - start)
+    return {key: statistics.median(values) for key, values in samples.items()}
 
 
-def fill_untimed(timed_choice: frozenset[int]) -> frozenset[int]:
-    """Extend a choice over TIMED_ROWS to every count 1..TIMED_ROWS[-1]: an untimed count
-    follows the next timed count above it."""
-    chosen = set(timed_choice)
-    for rows in range(1, TIMED_ROWS[-1] + 1):
-        if rows not in TIMED_ROWS and min(t for t in TIMED_ROWS if t > rows) in timed_choice:
-            chosen.add(rows)
-    return frozenset(chosen)
+def choose_form(medians: dict[tuple[int, str], float]) -> str:
+    """PACKED if, over the timed row counts, the packed product costs no more than F.linear in
+    geometric mean of the per-count ratios (each row count weighs the same, whatever its size:
+    the server's passes range over all of them, and only one form can be kept)."""
+    rows_list = sorted({rows for rows, _ in medians})
+    log_ratio = sum(math.log(max(medians[(r, PACKED)], 1e-12) / max(medians[(r, PLAIN)], 1e-12))
+                    for r in rows_list)
+    return PACKED if log_ratio <= 0 else PLAIN
 
 
-def accelerate(model: nn.Module, logits_weight: torch.Tensor | None = None) -> dict[tuple[int, int], frozenset[int]]:
-    """Swap every nn.Linear of a float32 CPU model for a PackedLinear (paths timed once per
-    distinct weight shape).  ``logits_weight``: an LM head that is no nn.Linear (tied to the
-    embeddings); its PackedLinear becomes ``model.logits_linear``.  Returns, per weight shape,
-    the row counts that take the packed path."""
-    plan: dict[tuple[int, int], frozenset[int]] = {}
+def choose_form_by_timing(weight: torch.Tensor, packed: torch.Tensor) -> str:
+    """The form this CPU serves a weight of this shape best in (measured at start-up)."""
+    return choose_form(measure(weight.detach(), packed))
 
-    def convert(linear_weight, bias):
-        packed = torch.ops.mkldnn._reorder_linear_weight(linear_weight.detach(), PACK_ROWS)
-        shape = tuple(linear_weight.shape)
-        if shape not in plan:
-            plan[shape] = choose_paths(linear_weight.detach(), packed)
-        return PackedLinear(linear_weight, bias, plan[shape], packed)
 
+def accelerate(model: nn.Module) -> dict[tuple[int, int], str]:
+    """Replace each nn.Linear of a float32 CPU model whose shape measured faster packed by a
+    PackedLinear, dropping its plain weight (so memory peaks at one weight over one copy); the
+    others stay nn.Linear.  Forms are timed once per distinct weight shape.  Returns the form
+    chosen per weight shape."""
+    plan: dict[tuple[int, int], str] = {}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, convert(child.weight, child.bias))
-    if logits_weight is not None:
-        model.logits_linear = convert(logits_weight, None)
+            if not isinstance(child, nn.Linear):
+                continue
+            shape = tuple(child.weight.shape)
+            if plan.get(shape) == PLAIN:
+                continue
+            packed = pack(child.weight)
+            if shape not in plan:
+                plan[shape] = choose_form_by_timing(child.weight, packed)
+            if plan[shape] == PACKED:
+                setattr(parent, name, PackedLinear(packed, child.bias))
+            del packed, child  # the plain weight goes with the nn.Linear it belonged to
     return plan

@@ -236,13 +236,25 @@ class CausalLM(nn.Module):
             hidden = layer(hidden, rope, batch, kv_cache, attn)
         return hidden
 
+    def plain_lm_head_weight(self) -> torch.Tensor:
+        """The LM head as a plain [vocab, hidden] matrix, for code that reads rows of it (early
+        exit's logit lens).  A packed LM head (executor.cpu_linear) keeps no plain copy, so
+        the first call makes one and keeps it: that costs a second copy of the head, paid only
+        by a model whose lens asks for it."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.weight
+        if isinstance(self.lm_head, nn.Linear):
+            return self.lm_head.weight
+        if getattr(self, "_plain_lm_head", None) is None:
+            self._plain_lm_head = self.lm_head.dense_weight()
+        return self._plain_lm_head
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head on the given rows ([L, hidden]) -> float32 [L, vocab]."""
         hidden = self.model.norm(hidden)
         if self.logits_linear is not None:
             return self.logits_linear(hidden).float()
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return F.linear(hidden, self.plain_lm_head_weight()).float()
 
     def forward(self, batch: ForwardBatch, kv_cache: KVCache, attn: AttentionBackend) -> torch.Tensor:
         """Float32 logits for the rows batch.logits_indices: [L, vocab]."""

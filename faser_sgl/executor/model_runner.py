@@ -31,27 +31,36 @@ class ModelRunner:
     def __init__(self, model_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  attention_backend: str = "torch", num_kv_slots: int | None = None,
                  max_total_tokens: int | None = None, mem_fraction: float | None = None,
-                 defer_kv: bool = False, draft: "ModelRunner | None" = None, cpu_linear: str = "auto"):
+                 defer_kv: bool = False, draft: "ModelRunner | None" = None, cpu_linear: str = "auto",
+                 share_weights_mmap: bool = False):
         self.model_path = str(model_path)
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model, self.config = load_model(model_path, dtype=dtype, device=self.device)
-        fuse_projections(self.model)
-        cfg = self.config
-        # cpu_linear "auto": on a float32 CPU model, projections and LM head through
-        # executor.cpu_linear (pre-packed oneDNN weights where timing says they win); "off":
-        # torch's F.linear everywhere.
         if cpu_linear not in ("auto", "off"):
             raise ValueError(f"cpu_linear must be 'auto' or 'off', got {cpu_linear!r}")
+        # share_weights_mmap (--faser-share-weights-mmap, CPU only): the weights stay views of
+        # the checkpoint file's page cache, shared by every process that maps it, so neither
+        # fused nor packed (both would be private copies).  Otherwise each weight is this
+        # process's own anonymous memory, which the kernel cannot evict from under a pass.
+        self.shares_weights = share_weights_mmap and self.device.type == "cpu"
+        self.model, self.config = load_model(model_path, dtype=dtype, device=self.device,
+                                             share_mapped=self.shares_weights)
+        if not self.shares_weights:
+            fuse_projections(self.model)
+        cfg = self.config
+        # cpu_linear "auto": on a float32 CPU model, each projection and the LM head in the one
+        # form timing finds faster here (executor.cpu_linear: oneDNN-packed or plain), one copy
+        # each; "off": torch's F.linear everywhere.
         self.linear_plan = None
-        if cpu_linear == "auto" and self.device.type == "cpu" and dtype == torch.float32:
+        if cpu_linear == "auto" and self.device.type == "cpu" and dtype == torch.float32 \
+                and not self.shares_weights:
             from faser_sgl.executor import cpu_linear as packed
 
             if packed.available():
-                tied = self.model.lm_head is None
-                self.linear_plan = packed.accelerate(
-                    self.model, self.model.model.embed_tokens.weight if tied else None)
-                if not tied:
+                # A tied LM head stays the embedding matrix (F.linear): packing it would be a
+                # second copy, since the embedding lookup needs the plain rows.
+                self.linear_plan = packed.accelerate(self.model)
+                if self.model.lm_head is not None:
                     self.model.logits_linear = self.model.lm_head
         self.attn = create_backend(attention_backend, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                    dtype=dtype, device=self.device)

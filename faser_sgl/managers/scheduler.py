@@ -105,13 +105,15 @@ class Scheduler:
 
             draft_runner = DraftWorker.load(options.speculative_draft_model_path, self.dtype,
                                             self.device, options.attention_backend,
-                                            cpu_linear=options.cpu_linear)
+                                            cpu_linear=options.cpu_linear,
+                                            share_weights_mmap=options.share_weights_mmap)
         self.runner = ModelRunner(
             server_args.model_path,
             dtype=self.dtype,
             device=self.device,
             attention_backend=options.attention_backend,
             cpu_linear=options.cpu_linear,
+            share_weights_mmap=options.share_weights_mmap,
             # Without --max-total-tokens: on a GPU, as SGLang does, as many slots as 80% of the
             # memory left after both models' weights holds (one budget for both KV pools,
             # model_runner.DEFAULT_MEM_FRACTION); on a CPU a fixed pool, since RAM is not what

@@ -31,13 +31,14 @@ class DraftWorker:
 
     @staticmethod
     def load(model_path: str, dtype: torch.dtype, device: str, attention_backend: str,
-             cpu_linear: str = "auto"):
+             cpu_linear: str = "auto", share_weights_mmap: bool = False):
         """The draft's runner with its weights loaded but no KV pool yet, so that the target's
         pool sizing sees the memory both models' weights take."""
         from faser_sgl.executor.model_runner import ModelRunner
 
         return ModelRunner(model_path, dtype=dtype, device=device,
-                           attention_backend=attention_backend, defer_kv=True, cpu_linear=cpu_linear)
+                           attention_backend=attention_backend, defer_kv=True, cpu_linear=cpu_linear,
+                           share_weights_mmap=share_weights_mmap)
 
     def forward(self, feeds: list[list[int]], slots: list[list[int]]) -> torch.Tensor:
         """Feed each request its tokens (KV written at the tail of its slots); logits of the

@@ -172,7 +172,7 @@ class LensPredictor:
 
     def __init__(self, model):
         self.norm = model.model.norm
-        self.weight = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        self.weight = model.plain_lm_head_weight()
 
     def margins(self, hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """hidden [n, H] rows that predict the scored tokens; candidates [n, C] with the scored
