@@ -18,8 +18,9 @@ Per row (rows may belong to different requests, or several rows to one request):
 ``probs`` returns exactly the distribution ``sample`` draws from (one-hot for greedy rows),
 because speculative rejection sampling needs the target's and the draft's final distributions.
 Randomness comes from one torch.Generator per request (seeded from ``sampling_seed`` when
-given), consumed as one uniform per sampled row, so a seeded request is reproducible whatever
-else shares its batch.
+given), consumed as one float64 uniform per sampled row and inverted on a float64 CDF, so a
+seeded request is reproducible whatever else shares its batch, and its draws follow ``probs``
+to float64 precision.
 """
 
 from __future__ import annotations
@@ -215,10 +216,11 @@ class Sampler:
     @staticmethod
     def uniforms(options: Sequence[SamplingOptions], device: torch.device | str = "cpu") -> torch.Tensor:
         """One U[0, 1) draw per row from its request's generator (0 for greedy rows, which
-        consume nothing): [N] float32."""
-        u = [float(torch.rand((), generator=o.get_generator(), device="cpu")) if not o.is_greedy else 0.0
-             for o in options]
-        return torch.tensor(u, dtype=torch.float32, device=device)
+        consume nothing): [N] float64, 53 random bits, so that inverse-CDF sampling resolves
+        probabilities far below float32's step of 2**-24 (make_uniforms draws the same way)."""
+        u = [float(torch.rand((), generator=o.get_generator(), dtype=torch.float64, device="cpu"))
+             if not o.is_greedy else 0.0 for o in options]
+        return torch.tensor(u, dtype=torch.float64, device=device)
 
     def _probs(self, adjusted: torch.Tensor, options: Sequence[SamplingOptions]) -> torch.Tensor:
         n, vocab = adjusted.shape
@@ -269,10 +271,18 @@ def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
 
 def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF sampling: row i takes the first token whose cumulative mass exceeds
-    uniforms[i] * (row mass).  Tokens of zero probability can never be chosen."""
-    cdf = torch.cumsum(probs, dim=-1)
-    target = (uniforms.to(cdf.dtype) * cdf[:, -1])[:, None]
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    uniforms[i] * (row mass).  Tokens of zero probability can never be chosen.
+
+    In float64: a float32 CDF over 152k tokens is rounded to steps of ~6e-8 near 1, which moves
+    every token's interval by up to that much (tiny tokens' intervals vanish or grow several
+    times over), so the tokens drawn would not follow ``probs``, the q that rejection sampling
+    is told.  The float64 running sum of float32 probabilities is exact to ~1e-16 per step."""
+    cdf = torch.cumsum(probs.to(torch.float64), dim=-1)
+    total = cdf[:, -1]
+    # u * total may round up to total for u just below 1: aim just under it, so the draw lands
+    # on the last token of positive probability instead of running past the row.
+    target = torch.minimum(uniforms.to(torch.float64) * total, torch.nextafter(total, torch.zeros_like(total)))
+    idx = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
     return idx.clamp_(max=probs.shape[-1] - 1)
 
 
