@@ -14,6 +14,7 @@ import torch
 
 from faser_sgl.executor.forward_batch import ForwardBatch
 from faser_sgl.speculative import early_exit
+from faser_sgl.speculative.adaptive import CostCurve
 from faser_sgl.speculative.spec_generator import SpeculativeGenerator
 from spec_harness import Engine
 from test_speculative_sampling import NOISY_DRAFT, first_verification_check
@@ -156,10 +157,24 @@ def make_exit_engine(tiny_model_factory):
     return make
 
 
+def check_with_pruning(make) -> tuple:
+    """first_verification_check on engines from ``make()``, and the first engine's early-exit
+    statistics, asserted to show that something was pruned: a law test of early exit in which
+    nothing was pruned tests nothing about it."""
+    engines = []
+
+    def build():
+        engines.append(make())
+        return engines[-1]
+    check = first_verification_check(build)
+    stats = engines[0].generator.early_exit.stats.as_dict()
+    assert stats["rows_pruned"] > 0, f"nothing was pruned: {stats}"
+    return check, stats
+
+
 @pytest.mark.parametrize("threshold", [0.0, PRUNE_ALL], ids=["lens", "prune-all"])
 def test_rejection_sampling_keeps_the_target_law(make_exit_engine, threshold):
-    make = make_exit_engine(threshold)
-    check = first_verification_check(make)
+    check, _ = check_with_pruning(make_exit_engine(threshold))
     assert check.pvalue_first > 1e-3, check
     assert check.pvalue > 1e-3, check
 
@@ -168,32 +183,126 @@ def test_rejection_sampling_keeps_the_target_law(make_exit_engine, threshold):
 FASER_PROFILE = "target=3000+5,draft=10+0.1"
 
 
-@pytest.mark.parametrize("sure", [False, True], ids=["calibrated", "overconfident"])
+def trust_the_lens(calibration: early_exit.RejectionCalibration, layer: int = 1, weight: int = 300) -> None:
+    """A history in which the lens was always right at ``layer``: a draft token it scored well
+    below an alternative was rejected, one it scored above every alternative was accepted.
+    The calibration then trusts prunes of exactly the tokens the lens dislikes: its chance
+    depends on the token, the case where a prune rule that looks ahead would bias the law."""
+    for j in (1, 2, 3):
+        for prob in (0.1, 0.3, 0.5, 0.7, 0.9):
+            for _ in range(weight):
+                calibration.observe(layer, -3.0, prob, j, True)
+                calibration.observe(layer, 1.0, prob, j, False)
+
+
+@pytest.mark.parametrize("sure", [False, True], ids=["lens-trusting-calibration", "overconfident"])
 def test_faser_policy_with_auto_threshold_keeps_the_target_law(make_exit_engine, sure):
     """The whole `faser` policy: per-request lengths, the auto threshold calibrated online, and
-    pruning decided by the cost model, under rejection sampling.  Overconfident: the calibration
-    claims every prune is right with chance 0.99 (about half are wrong here), so the cost model
-    prunes nearly every draft at the first exit; the law must not notice."""
+    pruning decided by the cost model, under rejection sampling.  The calibration starts from a
+    history that trusts the lens (``trust_the_lens``), so what is pruned depends on the draft
+    tokens' own scores, and goes on learning online.  Overconfident: the calibration claims
+    every prune is right with chance 0.99 (about half are wrong here), so the cost model prunes
+    nearly every draft at the first exit; the law must not notice."""
     make = make_exit_engine(None, policy="faser", cost_profile=FASER_PROFILE)
-    engines = []
 
     def build():
         engine = make()
         if sure:
             engine.generator.early_exit.calibration.p_right = lambda *score: 0.99
-        engines.append(engine)
+        else:
+            trust_the_lens(engine.generator.early_exit.calibration)
         return engine
-    check = first_verification_check(build)
+    check, stats = check_with_pruning(build)
     assert check.pvalue_first > 1e-3, check
     assert check.pvalue > 1e-3, check
-    stats = engines[0].generator.early_exit.stats.as_dict()
-    assert engines[0].generator.num_drafted > 0
     if sure:
         assert stats["rows_pruned"] > 0.5 * stats["draft_rows"], stats
 
 
+class _PricedRows:
+    """A cost model for the fixed policy's early exit: a target row costs ROW_S at full depth."""
+    ROW_S = 3e-3
+
+    def __init__(self):
+        self.target_cost = CostCurve(0.0, self.ROW_S)
+
+
+def test_a_prune_chosen_by_later_tokens_is_caught(tiny_model_factory):
+    """Issue 24, defect 1.  Draft = target (p = q: every tested draft is accepted), k = 2, one
+    exit layer of three, a cost model, and a calibration that trusts a prune at d_2 exactly
+    when the draft gave d_2 a low probability.  Prices: a row saves ROW_S * 2/3 (u); a token
+    costs 2u; p_right(d_1) = 0.55 makes pruning at d_1 worth 0.47u, at d_2 u (low-probability
+    d_2) or -u (likely d_2).  Choosing the best j looks at d_2: likely tokens are dropped and
+    redrawn, unlikely ones are tested and kept, so unlikely tokens come out too often.  The
+    stopping rule (prune at the first j that pays) prunes at d_1 whatever d_2 is."""
+    target = tiny_model_factory("llama", seed=0)
+    engines = []
+    u = _PricedRows.ROW_S * 2 / 3
+
+    def p_right(layer, margin, prob, j):
+        if j == 1:
+            return 0.55
+        return 1.0 if prob < LOW_DRAFT_PROB else 0.0
+
+    def build():
+        engine = Engine(target, target, k=2, max_running=250, early_exit=True,
+                        exit_options={"layers": "1", "threshold": None})
+        verifier = engine.generator.early_exit
+        verifier.cost_model = _PricedRows()
+        verifier.calibration.p_right = p_right
+        engine.generator._seconds_per_token = lambda *args: 2 * u
+        engines.append(engine)
+        return engine
+    check = first_verification_check(build)
+    stats = engines[0].generator.early_exit.stats.as_dict()
+    assert stats["rows_pruned"] > 0, stats  # the mechanism acted
+    assert check.pvalue_first > 1e-3, check
+    assert check.pvalue > 1e-3, check
+
+
+def test_the_prune_position_is_a_stopping_time():
+    """Whether the choice stops at j may depend on positions 1..j only: changing the scores of
+    later positions, or the rows an earlier exit layer's prune left, never moves a choice that
+    falls at or before j.  (The best-saving rule fails the first, pricing by the rows left the
+    second.)"""
+    import random
+    from types import SimpleNamespace
+
+    runner = SimpleNamespace(model=SimpleNamespace(num_layers=4))
+    for auto in (True, False):
+        verifier = early_exit.EarlyExitVerifier(
+            runner, early_exit.ExitConfig([2], None if auto else 0.0), predictor=object(),
+            cost_model=SimpleNamespace(target_cost=CostCurve(0.01, 0.002)))
+        verifier._seconds_per_token = 0.004
+        rng = random.Random(0)
+        for _ in range(2000):
+            k = rng.randint(2, 6)
+            right = [rng.random() for _ in range(k)]
+            flags = [rng.random() < 0.5 for _ in range(k)]
+            v = early_exit.Verification(0, k, torch.zeros(k, 1, dtype=torch.long), accept_rate=rng.random())
+            choice = verifier._choose_prune(2, v, flags, right, 40)
+            j = rng.randint(1, k - 1)
+            later = right[:j] + [rng.random() for _ in range(k - j)]
+            later_flags = flags[:j] + [rng.random() < 0.5 for _ in range(k - j)]
+            other = verifier._choose_prune(2, v, later_flags, later, 40)
+            if choice is not None and choice <= j or other is not None and other <= j:
+                assert choice == other, (right, later, flags, later_flags, j)
+            # The same request after an earlier layer pruned it at some m > j: its positions
+            # up to j are decided as if it had not been.
+            m = rng.randint(j + 1, k)
+            cut = early_exit.Verification(0, k, v.candidates, verified=m, bonus=False, accept_rate=v.accept_rate)
+            again = verifier._choose_prune(2, cut, flags[:m], right[:m], 40 - v.rows + cut.rows)
+            if choice is not None and choice <= j or again is not None and again <= j:
+                assert choice == again, (right, flags, j, m)
+
+
+# The draft's probability below which the calibration above trusts a prune at d_2: about half
+# of the tiny model's sampled tokens (top_k 5) fall on each side.
+LOW_DRAFT_PROB = 0.025
+
+
 def test_coupled_sampling_keeps_the_target_law(make_exit_engine):
-    check = first_verification_check(make_exit_engine(0.0, "coupled"))
+    check, _ = check_with_pruning(make_exit_engine(0.0, "coupled"))
     assert check.pvalue_first > 1e-3, check
     assert check.pvalue > 1e-3, check
 

@@ -10,10 +10,29 @@ the target's distribution for the token after it, so the row of d_{j-1} (or of t
 for j = 1) verifies d_j.  Pruning at d_j drops only the rows that verify d_{j+1}.. and give the
 bonus token: d_1..d_j are still verified at full depth, exactly as a draft of length j would be,
 and the pass simply has no bonus token when all j are accepted.  Nothing computed at an
-intermediate layer accepts a token.  (Dropping d_j itself and sampling a bonus token from the
-row of d_{j-1} instead would not be lossless under rejection sampling: the decision depends on
-the value of d_j, and a choice between "test d_j" and "resample" that depends on d_j skews the
-output distribution.  For greedy and coupled sampling the two rules emit the same tokens.)
+intermediate layer accepts a token.
+
+Why the rule is lossless (the argument every change here must keep true).  Call J the last draft
+position verified at full depth.  Rejection sampling emits the target's law at position j + 1
+whenever the decision "test d_{j+1}" (J > j) is a function of d_1..d_j and of things independent
+of the draft's later tokens: then, given d_1..d_j, d_{j+1} is still a fresh draw from q when it
+is tested (min(1, p/q) and the residual give p), and when it is not, the next step draws that
+position from the target itself.  So J must be a stopping time of the draft sequence.  Each
+exit layer e scans a request's positions in order and stops at the first j whose criterion
+C(e, j) holds; C(e, j) reads only d_j's own scores (its lens margin comes from the row of
+d_{j-1}, which causal attention keeps blind to later tokens; its draft probability; j), the
+calibration learnt from earlier passes, the request's planned length and acceptance estimate
+(fixed before drafting) and the other requests' rows (their drafts are independent of this
+one's).  J is the minimum over layers of those first hits, and {J > j} = "no C(e, i) holds for
+any layer e and i <= j": a function of d_1..d_j.  Two tempting rules break this and are
+checked against by tests: choosing among positions the one with the best net saving (the value
+of d_{j+1} then decides whether d_{j+1} is tested: an unlikely d_{j+1} wins the comparison and is
+tested, a likely one loses it and is redrawn, so unlikely tokens come out too often), and
+pricing a prune at a later exit layer by the rows an earlier layer's prune left (that count
+depends on the later token that triggered it).  Dropping d_j itself and sampling a bonus token
+from the row of d_{j-1} instead is not lossless either: "test d_j or resample" would depend on
+d_j.  For greedy and coupled sampling every rule emits the same tokens (each position's token is
+a function of the target's row), so only rejection sampling needs the argument.
 
 The predictor (LensPredictor): a restricted logit lens, gated by the draft's own confidence.
 The intermediate hidden state of the row that predicts d_j goes through the final norm and is
@@ -34,9 +53,10 @@ Whether a predicted rejection is pruned is then a cost decision when the policy 
 share of the remaining layers, priced on the target's measured cost curve at this pass's size,
 and risks, if d_j is in fact accepted, the tokens those rows would have emitted (expected from
 the request's acceptance rate), priced at the step's seconds per token; the chance of that is
-one minus the calibrated chance (auto; every draft position is a candidate and the best net
-saving wins) or one minus the exit layer's precision so far (a fixed threshold; the first
-predicted rejection is the candidate).  Without a cost model (fixed K) the first predicted
+one minus the calibrated chance (auto; every draft position is a candidate) or one minus the
+exit layer's precision so far (a fixed threshold; predicted rejections are the candidates), and
+the first candidate in draft order whose net saving is positive is pruned (a stopping rule, see
+above).  Without a cost model (fixed K) the first predicted
 rejection is pruned.  On a CPU at small batch rows are cheap and little is pruned; in a big, compute-bound pass rows cost and predicted rejections are pruned.
 
 Pruned positions' full-depth verdict of d_j is known after the pass, so every prune is labelled
@@ -321,19 +341,29 @@ class EarlyExitVerifier:
 
     def _choose_prune(self, layer: int, v: Verification, flags: list[bool], right: list[float],
                       total_rows: int) -> int | None:
-        """The draft position j to prune v at after ``layer``, or None.  Without a cost model:
-        the first predicted rejection.  With one: among the predicted rejections (auto: every
-        position), the one whose expected saving is largest, if positive (module docstring)."""
+        """The draft position j to prune v at after ``layer`` (keep d_1..d_j), or None.
+
+        A stopping rule, scanned in draft order: the first j that is a candidate (predicted
+        rejected; under ``auto`` every position) and, with a cost model, whose expected net
+        saving is positive.  Whether the scan stops at j then depends on d_1..d_j and never on
+        d_{j+1}.. (module docstring, "Why the rule is lossless").  Taking the j with the best
+        saving instead, as an earlier version did, let the value of a later draft token decide
+        whether an earlier one's successor is tested, which biases rejection sampling."""
         if self.cost_model is None or self._seconds_per_token is None:
             return flags.index(True) + 1 if any(flags) else None
-        positions = range(1, len(flags) + 1) if self.calibration is not None else \
-            [flags.index(True) + 1] if any(flags) else []
-        best, best_net = None, 0.0
-        for j in positions:
-            net = self._net_saving(layer, v, v.rows - j, total_rows, 1.0 - right[j - 1])
-            if net > best_net:
-                best, best_net = j, net
-        return best
+        # Price every position as if nothing of v had been pruned yet: v's rows in the pass
+        # as drafted (fixed before any draft token existed), other requests' rows as they
+        # stand.  The rows left after an earlier exit layer's prune depend on the later token
+        # that triggered it, so they must not enter the decision about an earlier position.
+        planned_rows = v.num_drafts + 1
+        rows_as_drafted = total_rows - v.rows + planned_rows
+        for j, flagged in enumerate(flags, start=1):
+            if not (flagged or self.calibration is not None):
+                continue
+            wrong = 1.0 - right[j - 1]
+            if self._net_saving(layer, v, planned_rows - j, rows_as_drafted, wrong) > 0:
+                return j
+        return None
 
     def _net_saving(self, layer: int, v: Verification, drop: int, total_rows: int, wrong: float) -> float:
         """Seconds that dropping ``drop`` rows of ``v`` after ``layer`` saves, minus what it
