@@ -30,7 +30,23 @@ def greedy_accept(draft_tokens: torch.Tensor, draft_indptr: torch.Tensor, target
 def rejection_sample(draft_tokens: torch.Tensor, draft_indptr: torch.Tensor, draft_probs: torch.Tensor,
                      target_probs: torch.Tensor, accept_uniforms: torch.Tensor, sample_uniforms: torch.Tensor,
                      max_draft_len: int | None = None):
-    """-> (num_accepted [B], emitted [B, max_k+1] padded with -1, num_emitted [B]); all int64."""
+    """-> (num_accepted [B], emitted [B, max_k+1] padded with -1, num_emitted [B]); all int64.
+    draft_probs may be narrower than target_probs (a draft with fewer vocabulary rows): its
+    missing ids have probability 0, so both implementations get it zero-extended."""
+    draft_probs = _on_target_width(draft_probs, target_probs.shape[-1])
     impl = _triton if _use_triton(target_probs) else _reference
     return impl.rejection_sample(draft_tokens, draft_indptr, draft_probs, target_probs,
                                  accept_uniforms, sample_uniforms, max_draft_len)
+
+
+def _on_target_width(draft_probs: torch.Tensor, width: int) -> torch.Tensor:
+    """q over the target's ids.  A wider q is refused rather than cut: its extra ids were
+    proposable, so cutting them would make q differ from what the draft drew from (the draft
+    worker maps the draft's logits onto the target's ids before sampling instead)."""
+    have = draft_probs.shape[-1]
+    if have > width:
+        raise ValueError(f"draft distribution over {have} ids is wider than the target's {width}: "
+                         "map the draft's logits onto the target's ids before sampling")
+    if have < width:
+        draft_probs = torch.nn.functional.pad(draft_probs, (0, width - have))
+    return draft_probs

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from faser_sgl.executor.forward_batch import ForwardBatch
+from faser_sgl.speculative.vocab import check_tokenizers, on_target_ids
 
 
 class DraftWorker:
@@ -20,11 +21,11 @@ class DraftWorker:
         """runner: from DraftWorker.load, then passed to the target's ModelRunner as ``draft``,
         which sized and allocated both KV pools from one memory budget."""
         self.runner = runner
-        if runner.config.vocab_size != target_runner.config.vocab_size:
-            raise ValueError(
-                f"draft vocabulary ({runner.config.vocab_size}) differs from the target's "
-                f"({target_runner.config.vocab_size}); the two models must share a tokenizer"
-            )
+        # The pair may pad its vocabularies differently (Qwen2.5-0.5B 151,936 rows, 7B 152,064)
+        # if its tokenizers agree on the shared ids; forward then speaks the target's ids.
+        self.target_vocab_size = target_runner.config.vocab_size
+        check_tokenizers(runner.model_path, target_runner.model_path, runner.config.vocab_size,
+                         self.target_vocab_size)
         if runner.allocator is None or runner.allocator.num_total != target_runner.allocator.num_total:
             raise ValueError("the draft's KV pool must have the target's slot count: pass the "
                              "draft's runner to the target's ModelRunner as draft=")
@@ -42,6 +43,17 @@ class DraftWorker:
 
     def forward(self, feeds: list[list[int]], slots: list[list[int]]) -> torch.Tensor:
         """Feed each request its tokens (KV written at the tail of its slots); logits of the
-        last fed token of each request, [B, V]."""
-        batch = ForwardBatch.build(feeds, slots, [[len(f) - 1] for f in feeds])
-        return self.runner.forward(batch)
+        last fed token of each request on the target's ids, [B, V_target] (speculative/vocab.py:
+        rows the target lacks dropped, rows the draft lacks -inf)."""
+        batch = ForwardBatch.build(self._embeddable(feeds), slots, [[len(f) - 1] for f in feeds])
+        return on_target_ids(self.runner.forward(batch), self.target_vocab_size)
+
+    def _embeddable(self, feeds: list[list[int]]) -> list[list[int]]:
+        """A target wider than the draft may emit (or be prompted with) ids the draft has no
+        row for: padding rows no tokenizer names.  The draft reads them as its own last row
+        (a padding row too, in a padded vocabulary); only its guesses after them can suffer,
+        and the target verifies every guess."""
+        width = self.runner.config.vocab_size
+        if width >= self.target_vocab_size:
+            return feeds
+        return [[t if t < width else width - 1 for t in feed] for feed in feeds]
