@@ -179,3 +179,27 @@ def test_the_form_follows_the_geometric_mean_over_row_counts():
     # packed 30% slower everywhere: plain
     assert cpu_linear.choose_form({(r, f): (1.3 if f == "packed" else 1.0) for r in rows
                                    for f in ("plain", "packed")}) == cpu_linear.PLAIN
+
+
+def test_a_replaced_plain_weight_is_freed_before_the_next_is_packed(monkeypatch):
+    """Peak memory while converting stays one weight over one copy of the model: when a
+    weight is packed, every weight packed before it has already been freed."""
+    import weakref
+
+    from torch import nn
+
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16)) for _ in range(3)])
+    model.requires_grad_(False)
+    alive_at_pack, earlier = [], []
+    real_pack = cpu_linear.pack
+
+    def pack(weight):
+        alive_at_pack.append(sum(ref() is not None for ref in earlier))
+        earlier.append(weakref.ref(weight))
+        return real_pack(weight)
+
+    monkeypatch.setattr(cpu_linear, "pack", pack)
+    monkeypatch.setattr(cpu_linear, "choose_form_by_timing", lambda weight, packed: cpu_linear.PACKED)
+    cpu_linear.accelerate(model)
+    assert alive_at_pack == [0] * 6
+    assert all(ref() is None for ref in earlier)

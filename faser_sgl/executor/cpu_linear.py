@@ -120,17 +120,19 @@ def accelerate(model: nn.Module) -> dict[tuple[int, int], str]:
     others stay nn.Linear.  Forms are timed once per distinct weight shape.  Returns the form
     chosen per weight shape."""
     plan: dict[tuple[int, int], str] = {}
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
-            shape = tuple(child.weight.shape)
-            if plan.get(shape) == PLAIN:
-                continue
-            packed = pack(child.weight)
-            if shape not in plan:
-                plan[shape] = choose_form_by_timing(child.weight, packed)
-            if plan[shape] == PACKED:
-                setattr(parent, name, PackedLinear(packed, child.bias))
-            del packed, child  # the plain weight goes with the nn.Linear it belonged to
+    # (parent, name) only: a list holding the nn.Linear modules themselves would keep every
+    # replaced plain weight alive until the end, i.e. both copies of the model at the peak.
+    slots = [(parent, name) for parent in model.modules()
+             for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    for parent, name in slots:
+        child = getattr(parent, name)
+        shape = tuple(child.weight.shape)
+        if plan.get(shape) == PLAIN:
+            continue
+        packed = pack(child.weight)
+        if shape not in plan:
+            plan[shape] = choose_form_by_timing(child.weight, packed)
+        if plan[shape] == PACKED:
+            setattr(parent, name, PackedLinear(packed, child.bias))
+        del packed, child  # the plain weight goes with the nn.Linear it belonged to
     return plan
