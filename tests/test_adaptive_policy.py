@@ -370,3 +370,41 @@ def test_early_exit_savings_make_draft_rows_cheaper():
     for _ in range(400):
         policy.observe_pruning(4, None, 0.0)
     assert policy.choose_lengths([req], 1) == [0]
+
+
+def test_rows_pruned_after_accepted_drafts_are_worth_fewer_tokens():
+    """Issue 24, defect 7: cheap pruned rows are also rows that give no token.  Early exit
+    prunes every row from d_1 on (90% of the depth skipped), and every prune cut a run whose
+    verified draft was accepted: the dropped rows would have given tokens, so the plan's
+    expected tokens shrink with their cost and the request drafts nothing.  The same prunes,
+    right each time (d_1 rejected), lose no token: the rows are just cheaper and it drafts."""
+    wrong = make_policy("faser", 4, "target=1+10,draft=1+0.1")
+    right = make_policy("faser", 4, "target=1+10,draft=1+0.1")
+    for _ in range(200):
+        wrong.observe_pruning(4, 1, 0.9, accepted=1, accept_rate=0.9)
+        right.observe_pruning(4, 1, 0.9, accepted=0, accept_rate=0.9)
+    for policy in (wrong, right):
+        assert policy.row_cost(1) == pytest.approx(0.1, abs=1e-3)
+    assert wrong.row_yield(1) == pytest.approx(0.0, abs=1e-3)
+    assert right.row_yield(1) == 1.0
+    assert wrong.choose_lengths([make_req("a")], 1) == [0]
+    assert right.choose_lengths([make_req("b")], 1)[0] > 0
+    # Full-depth verifications whose drafts are accepted bring the yield back.
+    for _ in range(200):
+        wrong.observe_pruning(4, None, 0.0, accepted=4, accept_rate=0.9)
+    assert wrong.row_yield(1) > 0.99
+
+
+def test_a_draft_hidden_by_a_prune_counts_as_a_trial():
+    """Issue 24, defect 7: a prune after a fully accepted run hides the next draft's verdict,
+    and prunes happen where rejections are predicted.  Counting only what was verified reads
+    acceptance 1 here; with the hidden draft as a trial accepted with the calibrated chance (0.1)
+    the estimate goes to (1 + 0.1) / 2."""
+    policy = make_policy("faser", 4, GPU_PROFILE)
+    censored, imputed = make_req("a"), make_req("b")
+    for _ in range(60):
+        for req in (censored, imputed):
+            policy.observe(req, 1, 1)
+        policy.observe_unseen(imputed, 0.9)
+    assert policy.accept_rate(censored) > 0.99
+    assert policy.accept_rate(imputed) == pytest.approx(0.55, abs=0.01)

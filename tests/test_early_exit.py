@@ -397,3 +397,24 @@ def test_cost_model_prunes_only_where_rows_are_dear(target, partial_draft_path, 
         assert stats["layers"][1]["scored"] > 0
         pruned[name] = stats["rows_pruned"]
     assert pruned["gpu"] == 0 and pruned["dear-rows"] > 0, pruned
+
+
+def test_unseen_rejection_is_the_calibrated_chance_of_the_first_hidden_draft():
+    from types import SimpleNamespace
+
+    verifier = early_exit.EarlyExitVerifier(SimpleNamespace(model=SimpleNamespace(num_layers=3)),
+                                            early_exit.ExitConfig([1], 0.0), predictor=object())
+    for _ in range(100):  # the lens's verdict is right at layer 1 (even with a fixed threshold)
+        verifier.calibration.observe(1, -3.0, 0.1, 2, True)
+        verifier.calibration.observe(1, 1.0, 0.9, 2, False)
+    v = early_exit.Verification(0, 3, torch.zeros(3, 1, dtype=torch.long), verified=1, bonus=False, pruned_at=1,
+                                draft_probs=[0.9, 0.1, 0.5])
+    v.margins_at[1] = [1.0, -3.0, 0.0]
+    assert verifier.unseen_rejection(v, accepted=1) == pytest.approx(verifier.calibration.p_right(1, -3.0, 0.1, 2))
+    assert verifier.unseen_rejection(v, accepted=1) > 0.9
+    assert verifier.unseen_rejection(v, accepted=0) is None  # d_1 rejected: nothing was hidden
+    whole = early_exit.Verification(0, 3, v.candidates, verified=3, bonus=False, pruned_at=1)
+    whole.margins_at[1] = [1.0, 1.0, 1.0]
+    assert verifier.unseen_rejection(whole, accepted=3) is None  # only the bonus row was dropped
+    kept = early_exit.Verification(0, 3, v.candidates)
+    assert verifier.unseen_rejection(kept, accepted=3) is None  # nothing pruned

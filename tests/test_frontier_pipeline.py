@@ -16,6 +16,7 @@ from faser_sgl.speculative.adaptive import CostCurve
 from faser_sgl.speculative.frontier import FrontierController, _Mode, parse_frontier_size
 from faser_sgl.speculative.lanes import parse_split
 from spec_harness import Engine
+from test_early_exit import trust_the_lens
 from test_speculative_sampling import NOISY_DRAFT, first_verification_check
 
 PROMPTS = [[5, 17, 33], list(range(40, 75)), [7] * 11, list(range(100, 123)), [3, 9], [250, 30, 31, 2, 8]]
@@ -178,10 +179,15 @@ def make_pipeline_engine(target, tiny_model_factory):
     (1, None, "coupled", None, "fixed"), (1, None, "rejection", None, "faser")],
     ids=["F1", "F2-shared", "F1-prune-all", "F1-lens-shared", "F1-coupled", "F1-faser-policy"])
 def test_sampling_keeps_the_target_law(make_pipeline_engine, frontier_size, exit_options, scheme, split, policy):
+    """With early exit on (the lens rule, prune-all, or the faser policy's cost model over a
+    calibration that trusts the lens, so that prunes depend on the tokens' own scores), the
+    test asserts that something was pruned."""
     engines = []
 
     def build():
         engine = make_pipeline_engine(frontier_size, exit_options, scheme, split, policy)()
+        if policy == "faser":
+            trust_the_lens(engine.generator.early_exit.calibration)
         engines.append(engine)
         return engine
     check = first_verification_check(build)
@@ -189,9 +195,9 @@ def test_sampling_keeps_the_target_law(make_pipeline_engine, frontier_size, exit
     assert check.pvalue > 1e-3, check
     gen = engines[0].generator
     assert gen.num_pipelined_steps > 0
-    if exit_options is PRUNE_ALL:
-        assert gen.early_exit.stats.as_dict()["rows_pruned"] > 0
-    else:
+    if gen.early_exit is not None:
+        assert gen.early_exit.stats.as_dict()["rows_pruned"] > 0, gen.early_exit.stats.as_dict()
+    if exit_options is not PRUNE_ALL:
         assert gen.num_frontiers > gen.num_pipelined_steps
     assert 0.2 < check.acceptance < 0.95, check
 
@@ -288,3 +294,44 @@ def test_cuda_streams_and_green_contexts_keep_greedy_output(target, partial_draf
         outs = engine.run([engine.make_request(p, 24, temperature=0) for p in PROMPTS])
         assert outs == expected, split.name
         assert engine.generator.num_pipelined_steps > 0
+
+
+def test_a_frontier_whose_first_draft_was_rejected_labels_no_prediction():
+    """Issue 24, defect 7: in frontier r > 0 the held row tests the first draft d_start and the
+    pass scores the drafts after it.  When d_start is rejected those drafts were never reached:
+    labelling them as right prunes inflated the calibration."""
+    from types import SimpleNamespace
+
+    from faser_sgl.speculative.early_exit import EarlyExitVerifier, ExitConfig, Verification
+    from faser_sgl.speculative.frontier import FrontierGenerator, _Run
+
+    def frontier(accepted):
+        verifier = EarlyExitVerifier(SimpleNamespace(model=SimpleNamespace(num_layers=3)), ExitConfig([1]),
+                                     predictor=object())
+        gen = SimpleNamespace(early_exit=verifier, _target_depth=lambda: 3)
+        v = Verification(0, 1, torch.zeros(1, 1, dtype=torch.long), draft_probs=[0.1])
+        v.predicted_at[1], v.margins_at[1] = [True], [-3.0]
+        run = _Run(k=4, size=2, base=10)
+        # Frontier 1 holds d_3, d_4: the held row tests d_3, this pass's rows test d_4.
+        FrontierGenerator._close_frontier(gen, run, 1, v, 2, accepted, True, [7] * (accepted + 1), False)
+        return verifier
+    rejected_first = frontier(0)
+    assert rejected_first.calibration.layers == {} and rejected_first.stats.layer(1).predicted == 0
+    rejected_second = frontier(1)  # d_3 accepted, d_4 rejected: the prediction was right
+    assert rejected_second.calibration.layers[1] == [1.0, 1.0]
+    assert rejected_second.stats.layer(1).predicted_right == 1
+
+
+@needs_two_cores
+def test_pipelined_steps_count_drafts_as_serial_steps_do(target, partial_draft_path):
+    """Issue 24, defect 7: a verification counts the drafts its step made, pipelined or not (a
+    rejection in frontier r used to leave the later frontiers' drafts out of the drafted count,
+    so the pipeline's accept rate read higher than a serial step's)."""
+    for frontier_size in (0, 1):
+        engine = Engine(target, partial_draft_path, k=4, frontier_size=frontier_size)
+        chosen = []
+        engine.generator.on_draft_lengths = chosen.append
+        engine.run([engine.make_request(p, 24, temperature=0) for p in PROMPTS])
+        gen = engine.generator
+        assert gen.num_accepted < gen.num_drafted == sum(map(sum, chosen)), frontier_size
+        assert bool(getattr(gen, "num_pipelined_steps", 0)) == bool(frontier_size)

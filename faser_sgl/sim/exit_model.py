@@ -117,7 +117,7 @@ class SimulatedEarlyExit:
     def _decide(self, layer: int, verifications: list[Verification], scores: dict, total_rows: int) -> int:
         """EarlyExitVerifier._decide without tensors: flags from the recorded scores, then the
         real prune choice.  Returns the rows pruned after this layer."""
-        ver, config = self.verifier, self.verifier.config
+        ver = self.verifier
         stats = ver.stats.layer(layer)
         pruned = 0
         for v in verifications:
@@ -127,8 +127,7 @@ class SimulatedEarlyExit:
             m = [scores[v.index][j][layer][0] for j in range(scored)]
             p = [scores[v.index][j][layer][1] for j in range(scored)]
             right = ver._p_right(layer, m, p)
-            flags = [r >= 0.5 for r in right] if ver.calibration is not None else \
-                [mj < -config.threshold and (pj or 0.0) < config.draft_prob for mj, pj in zip(m, p)]
+            flags = ver.flags(right, m, p)
             stats.scored += scored
             v.predicted_at[layer], v.margins_at[layer] = flags, m
             if v.draft_probs is None:

@@ -160,6 +160,11 @@ class AdaptiveLength:
         # the row's draft position 1..max_k.  A row that is often pruned early costs less to
         # verify, so the plan prices it lower (all zero without early exit).
         self.row_saving = [0.0] * (self.max_k + 2)
+        # ... and the tokens it loses: per position s, the decayed mass of verifications in which
+        # the row of d_s would have given a token (d_1..d_s accepted, imputed past a prune) and
+        # the part of it that a prune dropped.  The plan counts a^s * row_yield(s) for that row.
+        self._row_reached = [0.0] * (self.max_k + 2)
+        self._row_lost = [0.0] * (self.max_k + 2)
 
     # -- feedback ------------------------------------------------------------------------------
     # The estimate is successes / trials over the request's decayed counts.  A new request starts
@@ -207,6 +212,14 @@ class AdaptiveLength:
         tested = num_accepted + (1 if num_accepted < num_drafted else 0)
         self._set_counts(req, successes * self.DECAY + num_accepted, trials * self.DECAY + tested)
 
+    def observe_unseen(self, req: Request, reject_prob: float) -> None:
+        """Early exit pruned the draft after a fully accepted run (``observe`` saw no failure
+        there): count that draft as one more trial, accepted with the chance the exit
+        calibration gives it.  Prunes are made where rejections are predicted, so dropping the
+        trial (a censored observation) would skew the estimate upward."""
+        successes, trials = self._counts(req)
+        self._set_counts(req, successes + (1.0 - reject_prob), trials + 1.0)
+
     def _idle(self, req: Request) -> None:
         """One step without drafting: the counts fade towards the faint prior."""
         successes, trials = self._counts(req)
@@ -216,12 +229,34 @@ class AdaptiveLength:
 
     PRUNE_SMOOTHING = 0.05
 
-    def observe_pruning(self, num_drafts: int, pruned_from: int | None, layers_skipped: float) -> None:
+    def observe_pruning(self, num_drafts: int, pruned_from: int | None, layers_skipped: float,
+                        accepted: int | None = None, accept_rate: float | None = None) -> None:
         """One verification under early exit: rows of drafts pruned_from..num_drafts skipped
-        ``layers_skipped`` (a share of the depth); None: nothing was pruned."""
+        ``layers_skipped`` (a share of the depth); None: nothing was pruned.  ``accepted``: drafts
+        accepted (of the verified ones), ``accept_rate``: the request's estimate, which imputes
+        whether the drafts a prune hid would have been accepted."""
+        verified = num_drafts if pruned_from is None else pruned_from
         for s in range(1, min(num_drafts, self.max_k) + 1):
-            saved = layers_skipped if pruned_from is not None and s >= pruned_from else 0.0
+            pruned = pruned_from is not None and s >= pruned_from
+            saved = layers_skipped if pruned else 0.0
             self.row_saving[s] += self.PRUNE_SMOOTHING * (saved - self.row_saving[s])
+            if accepted is None:
+                continue
+            # Would the row of d_s have given a token?  Known up to the verified drafts;
+            # beyond them only when all verified ones were accepted, then a^(s - verified).
+            if s <= verified:
+                reached = 1.0 if accepted >= s else 0.0
+            else:
+                reached = (accept_rate or 0.0) ** (s - verified) if accepted >= verified else 0.0
+            lost = reached if pruned else 0.0
+            self._row_reached[s] += self.PRUNE_SMOOTHING * (reached - self._row_reached[s])
+            self._row_lost[s] += self.PRUNE_SMOOTHING * (lost - self._row_lost[s])
+
+    def row_yield(self, position: int) -> float:
+        """The share of the token from the row of the draft at ``position`` that early exit lets
+        through: 1 without pruning, less where prunes drop rows that would have given tokens."""
+        reached = self._row_reached[position]
+        return 1.0 - self._row_lost[position] / reached if reached > 1e-12 else 1.0
 
     def row_cost(self, position: int) -> float:
         """Target rows a draft token at this position costs, net of early exit's savings."""
@@ -302,9 +337,14 @@ class _StepPlan:
     def _catch_up_of(self, i: int, k: int) -> float:
         return self.catch_up[i] * expected_tokens(self.rates[i], k) if k else 0.0
 
+    def _row_tokens(self, i: int, s: int) -> float:
+        """Expected token from the row of request i's draft at position s: d_1..d_s accepted,
+        and the row not pruned by early exit."""
+        return self.rates[i] ** s * self.policy.row_yield(s)
+
     def reset(self, lengths: list[int]) -> None:
         self.lengths = list(lengths)
-        self.tokens = sum(expected_tokens(a, k) for a, k in zip(self.rates, lengths))
+        self.tokens = sum(1.0 + sum(self._row_tokens(i, s) for s in range(1, k + 1)) for i, k in enumerate(lengths))
         cost = self.policy.row_cost
         self.target_tokens = self.step_tokens + sum(cost(s) for k in lengths for s in range(1, k + 1))
         # rows[s]: requests taking part in draft pass s (those with k > s).
@@ -328,9 +368,9 @@ class _StepPlan:
         cost = self.policy.row_cost
         if step > 0:
             rows[k] += 1
-            return self.tokens + self.rates[i] ** (k + 1), self.target_tokens + cost(k + 1), rows, extra_s
+            return self.tokens + self._row_tokens(i, k + 1), self.target_tokens + cost(k + 1), rows, extra_s
         rows[k - 1] -= 1
-        return self.tokens - self.rates[i] ** k, self.target_tokens - cost(k), rows, extra_s
+        return self.tokens - self._row_tokens(i, k), self.target_tokens - cost(k), rows, extra_s
 
     def gain_of(self, i: int, step: int) -> float:
         """How much goodput changing request i's length by ``step`` adds (relative)."""

@@ -241,7 +241,10 @@ class EarlyExitVerifier:
         self.runner = runner
         self.config = config
         self.predictor = predictor or LensPredictor(runner.model)
-        self.calibration = RejectionCalibration() if config.threshold is None else None
+        # The calibration learns in every mode: under ``auto`` it decides the prunes, and in
+        # every mode it prices what a prune hid from the drafter (``unseen_rejection``).
+        self.auto = config.threshold is None
+        self.calibration = RejectionCalibration()
         self.cost_model = cost_model
         self._seconds_per_token = None
         self.stats = ExitStats()
@@ -309,8 +312,7 @@ class EarlyExitVerifier:
             m, p = margins[offset: offset + scored], probs[offset: offset + scored]
             offset += scored
             right = self._p_right(layer, m, p)
-            flags = [r >= 0.5 for r in right] if self.calibration is not None else \
-                [mj < -self.config.threshold and (pj or 0.0) < self.config.draft_prob for mj, pj in zip(m, p)]
+            flags = self.flags(right, m, p)
             stats.scored += scored
             v.predicted_at[layer], v.margins_at[layer] = flags, m
             if self.config.diagnostic:
@@ -330,10 +332,17 @@ class EarlyExitVerifier:
         keep = [r for i in range(len(qo) - 1) for r in range(qo[i], qo[i] + new_q[i])]
         return torch.tensor(keep, device=device), new_q
 
+    def flags(self, right: list[float], margins: list[float], probs: list) -> list[bool]:
+        """Per scored d_j, whether it is predicted rejected: calibrated chance of a right prune
+        at least one half (auto), else the lens rule with the draft-probability gate."""
+        if self.auto:
+            return [r >= 0.5 for r in right]
+        return [m < -self.config.threshold and (p or 0.0) < self.config.draft_prob for m, p in zip(margins, probs)]
+
     def _p_right(self, layer: int, margins: list[float], probs: list) -> list[float]:
         """Per scored d_j, the chance that a prune there is right: calibrated per score (auto),
         else the exit layer's precision so far (one figure for every flagged token)."""
-        if self.calibration is not None:
+        if self.auto:
             return [self.calibration.p_right(layer, m, p, j)
                     for j, (m, p) in enumerate(zip(margins, probs), start=1)]
         stats = self.stats.layer(layer)
@@ -358,7 +367,7 @@ class EarlyExitVerifier:
         planned_rows = v.num_drafts + 1
         rows_as_drafted = total_rows - v.rows + planned_rows
         for j, flagged in enumerate(flags, start=1):
-            if not (flagged or self.calibration is not None):
+            if not (flagged or self.auto):
                 continue
             wrong = 1.0 - right[j - 1]
             if self._net_saving(layer, v, planned_rows - j, rows_as_drafted, wrong) > 0:
@@ -388,14 +397,30 @@ class EarlyExitVerifier:
                     stats.predicted += 1
                     stats.predicted_right += j > accepted
                 prob = v.draft_probs[j - 1] if v.draft_probs else None
-                if self.calibration is not None:
-                    self.calibration.observe(layer, v.margins_at[layer][j - 1], prob, j, j > accepted)
+                self.calibration.observe(layer, v.margins_at[layer][j - 1], prob, j, j > accepted)
                 if j == first_rejected:
                     stats.first_rejections += 1
                     stats.first_rejections_caught += flag
                 if self.config.diagnostic:
                     self.records.append((layer, j, v.margins_at[layer][j - 1], prob, j > accepted,
                                          j == first_rejected))
+
+
+    def unseen_rejection(self, v: Verification, accepted: int) -> float | None:
+        """What a prune hid from the acceptance estimate.  When it cut a run whose verified
+        drafts were all accepted, d_{verified+1} would have been tested next and its verdict is
+        unknown; prunes happen where rejections are predicted, so leaving it out would bias the
+        drafter's estimate upward.  Returns the calibrated chance that it would have been
+        rejected (from its score at the exit layer that pruned it), or None when the prune hid
+        no draft (a rejection came first, or only the bonus row was dropped)."""
+        j = v.verified
+        if v.pruned_at is None or accepted < j or j >= v.num_drafts:
+            return None
+        margins = v.margins_at.get(v.pruned_at, [])
+        if len(margins) <= j:
+            return None
+        prob = v.draft_probs[j] if v.draft_probs and len(v.draft_probs) > j else None
+        return self.calibration.p_right(v.pruned_at, margins[j], prob, j + 1)
 
 
 def make_early_exit(runner, layers: str = "auto", threshold: float | str | None = DEFAULT_THRESHOLD,

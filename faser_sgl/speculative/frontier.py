@@ -177,6 +177,7 @@ class _Run:
     keep_last_kv: bool = True  # False: the last accepted draft's KV was pruned unfinished
     pruned_from: int | None = None  # drafts verified before early exit pruned the rest
     skipped: float = 0.0  # share of the depth the pruned rows skipped
+    unseen_rejection: float | None = None  # early exit's chance for the first draft a prune hid
 
     def span(self, r: int) -> tuple[int, int]:
         return r * self.size, min(self.k, (r + 1) * self.size)
@@ -386,8 +387,10 @@ class FrontierGenerator(SpeculativeGenerator):
         the tokens it gives) into ``run``, and early exit's feedback.  ``may_go_on``: another
         frontier follows and no stop token came.  True when the run goes on: the emitted
         tokens but the last are kept, and the bonus row tests the next frontier's first draft."""
-        if v is not None:
+        if v is not None and (r == 0 or accepted > 0):
             self.early_exit.record_outcome(v, accepted - (0 if r == 0 else 1))
+        # (r > 0 with accepted == 0: the held row rejected this frontier's first draft, so the
+        # drafts this pass scored were never reached: they have no verdict to label.)
         run.tested += count
         run.accepted += accepted
         if accepted < count:  # rejected: the target's token ends the run
@@ -398,6 +401,7 @@ class FrontierGenerator(SpeculativeGenerator):
             run.done, run.keep_last_kv = True, False
             run.pruned_from = run.tested
             run.skipped = 1.0 - v.pruned_at / self._target_depth()
+            run.unseen_rejection = self.early_exit.unseen_rejection(v, accepted - (0 if r == 0 else 1))
         elif may_go_on:
             run.emitted += emitted[:-1]
             return True
@@ -412,7 +416,7 @@ class FrontierGenerator(SpeculativeGenerator):
         for q in decodes:
             run = runs[id(q)]
             if self.early_exit is not None and run.k and hasattr(self.policy, "observe_pruning"):
-                self.policy.observe_pruning(run.k, run.pruned_from, run.skipped)
+                self.policy.observe_pruning(run.k, run.pruned_from, run.skipped, run.accepted, self._accept_rate(q))
             if run.logprobs:
                 self._emitted_logprobs[id(q)] = run.logprobs
             kept = self._commit(q, run.emitted)
@@ -423,7 +427,11 @@ class FrontierGenerator(SpeculativeGenerator):
                     self.allocator.free(q.kv_slots[-rejected:])
                     del q.kv_slots[-rejected:]
                 q.draft_cached = min(q.draft_cached, len(q.kv_slots))
-                self._count_verification(q, run.tested, run.accepted, kept, len(run.emitted))
+                # Drafts counted as a serial step counts them: all k, unless early exit pruned
+                # (then those verified at full depth).  Counting only the frontiers tested
+                # before a rejection made the pipeline's acceptance read higher than serial's.
+                drafted = run.k if run.pruned_from is None else run.tested
+                self._count_verification(q, drafted, run.accepted, kept, len(run.emitted), run.unseen_rejection)
             out[q] = run.emitted[:kept]
         return out
 

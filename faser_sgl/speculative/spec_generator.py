@@ -274,11 +274,14 @@ class SpeculativeGenerator:
                 emitted: list[int]) -> int:
         """After one request's verification: early exit's feedback, the emitted tokens committed,
         rejected drafts rolled back, counters; returns how many emitted tokens were kept."""
+        unseen = None
         if v is not None:
+            unseen = self.early_exit.unseen_rejection(v, accepted)
             self.early_exit.record_outcome(v, accepted)
             if hasattr(self.policy, "observe_pruning"):
                 skipped = 0.0 if v.pruned_at is None else 1.0 - v.pruned_at / self._target_depth()
-                self.policy.observe_pruning(k, v.verified if v.pruned_at is not None else None, skipped)
+                self.policy.observe_pruning(k, v.verified if v.pruned_at is not None else None, skipped,
+                                            accepted, self._accept_rate(req))
         kept = self._commit(req, emitted)
         if k > 0:
             # Roll back: the slots (both caches) of rejected and pruned drafts return to the
@@ -291,7 +294,7 @@ class SpeculativeGenerator:
                 self.allocator.free(req.kv_slots[-rejected:])
                 del req.kv_slots[-rejected:]
             req.draft_cached = min(req.draft_cached, len(req.kv_slots))
-            self._count_verification(req, verified, accepted, kept, len(emitted))
+            self._count_verification(req, verified, accepted, kept, len(emitted), unseen)
         return kept
 
     def _target_depth(self) -> int:
@@ -353,14 +356,17 @@ class SpeculativeGenerator:
         return self.policy.accept_rate(req) if hasattr(self.policy, "accept_rate") else 0.7
 
     def _count_verification(self, req: Request, drafted: int, accepted: int, kept: int,
-                            emitted: int) -> None:
+                            emitted: int, unseen_rejection: float | None = None) -> None:
         """Counters and policy feedback for one verification.  When a stop token or string ends
         the output inside the run (kept < emitted), what follows the stop never happened: the
         pass counts kept - 1 accepted drafts, as its tokens (kept) are accepted + the target's
         one everywhere else, so tokens per pass and acceptance estimates stay honest.
-        ``drafted``: drafts verified at full depth (early exit's pruned ones never were)."""
+        ``drafted``: drafts verified at full depth (early exit's pruned ones never were);
+        ``unseen_rejection``: early exit's chance that the first draft a prune hid would have been
+        rejected (``EarlyExitVerifier.unseen_rejection``), given to the policy as that draft's trial."""
         if kept < emitted:
             drafted = accepted = kept - 1
+            unseen_rejection = None  # a stop came first: nothing after it would have been tested
         req.spec_verify_ct += 1
         req.spec_accepted_drafts += accepted
         req.spec_drafted_tokens += drafted
@@ -370,6 +376,8 @@ class SpeculativeGenerator:
         self.num_drafted += drafted
         self.num_accepted += accepted
         self.policy.observe(req, drafted, accepted)
+        if unseen_rejection is not None and hasattr(self.policy, "observe_unseen"):
+            self.policy.observe_unseen(req, unseen_rejection)
         if self.on_verify is not None:
             self.on_verify(drafted, accepted)
 
