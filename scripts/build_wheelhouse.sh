@@ -116,9 +116,12 @@ EOF
 FASER_SGL_TEST_CACHE="$PWD/$WH.tmp/tiny_models" HF_HUB_OFFLINE=1 "$PY" - <<'EOF'
 import sys
 sys.path.insert(0, "tests")
-from tiny_model import get_tiny_model
+from tiny_model import HEAD_DIM64_DRAFT, HEAD_DIM64_TARGET, get_tiny_model
 from conftest import PARTIAL_DRAFT
-paths = [get_tiny_model("llama", seed=0), get_tiny_model(**PARTIAL_DRAFT), get_tiny_model("qwen3")]
+paths = [get_tiny_model("llama", seed=0), get_tiny_model(**PARTIAL_DRAFT), get_tiny_model("qwen3"),
+         # head_dim 64, for FlashInfer (its FA2 prefill refuses head_dim 16)
+         get_tiny_model(**HEAD_DIM64_TARGET), get_tiny_model(**HEAD_DIM64_DRAFT),
+         get_tiny_model("qwen3", hidden_size=256, init_std=0.075)]
 print("[wheelhouse] tiny test models:", *(p.rsplit("/", 1)[-1] for p in paths))
 EOF
 

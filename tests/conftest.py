@@ -45,3 +45,11 @@ PARTIAL_DRAFT = {"arch": "llama", "seed": 0, "noise_std": 0.02, "noise_seed": 1}
 @pytest.fixture(scope="session")
 def partial_draft_path() -> str:
     return get_tiny_model(**PARTIAL_DRAFT)
+
+
+@pytest.fixture(scope="session")
+def head_dim64_pair() -> tuple[str, str]:
+    """(target, draft) at head_dim 64, for FlashInfer (tiny_model.HEAD_DIM64_TARGET says why)."""
+    from tiny_model import HEAD_DIM64_DRAFT, HEAD_DIM64_TARGET
+
+    return get_tiny_model(**HEAD_DIM64_TARGET), get_tiny_model(**HEAD_DIM64_DRAFT)

@@ -1,6 +1,14 @@
-"""FlashInfer backend vs the torch backend on CUDA (skipped where there is no GPU/flashinfer)."""
+"""FlashInfer backend vs the torch backend on CUDA (skipped where there is no GPU/flashinfer).
+
+Shapes have head_dim 64 or 128: FlashInfer's FA2 prefill kernels refuse head_dim 16 (fewer than
+4 MMA tiles of 16), the default tiny models' head dim, so the model tests use the head_dim 64
+variants (tiny_model.HEAD_DIM64_TARGET).  Case ids name the dtype ("bf16", "fp16"): the GPU check
+runs ``-k "not fp16"``, since every dtype x head_dim is one more JIT module to build cold."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +20,7 @@ from faser_sgl.executor.model_runner import ModelRunner
 from test_executor_attention import ragged_case
 
 REASON = flashinfer_unavailable_reason()
+QWEN3_HEAD_DIM64 = {"hidden_size": 256, "init_std": 0.075}  # qwen3 at head_dim 64 (256 / 4 heads)
 
 def needs_flashinfer(test):
     return pytest.mark.cuda(pytest.mark.skipif(REASON is not None, reason=REASON or "")(test))
@@ -25,7 +34,7 @@ def test_flashinfer_refused_clearly_without_cuda():
 
 
 @needs_flashinfer
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 64), (8, 8, 128), (14, 2, 64)])
 def test_flashinfer_matches_torch_backend(dtype, heads, kv_heads, head_dim):
     batch, q, k, v, cache = ragged_case(heads, kv_heads, head_dim, dtype, "cuda")
@@ -48,7 +57,7 @@ def test_flashinfer_matches_torch_backend(dtype, heads, kv_heads, head_dim):
 
 @needs_flashinfer
 def test_runner_logits_flashinfer_vs_torch(tiny_model_factory):
-    path = tiny_model_factory("qwen3")
+    path = tiny_model_factory("qwen3", **QWEN3_HEAD_DIM64)
     kw = dict(dtype=torch.bfloat16, device="cuda", max_total_tokens=256)
     runners = [ModelRunner(path, attention_backend=name, **kw) for name in ("torch", "flashinfer")]
     g = torch.Generator().manual_seed(0)
@@ -65,3 +74,11 @@ def test_runner_logits_flashinfer_vs_torch(tiny_model_factory):
     torch_out, fi_out = outs
     assert (torch_out - fi_out).abs().max().item() < 0.05 * torch_out.abs().max().item()
     assert (torch_out.argmax(-1) == fi_out.argmax(-1)).float().mean().item() > 0.9
+
+
+def test_flashinfer_test_models_have_a_head_dim_fa2_accepts(tiny_model_factory, head_dim64_pair):
+    """FA2's prefill needs head_dim / 16 >= 4; the models the FlashInfer tests run have 64."""
+    for path in (tiny_model_factory("qwen3", **QWEN3_HEAD_DIM64), *head_dim64_pair):
+        config = json.loads((Path(path) / "config.json").read_text())
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        assert head_dim == 64, (path, head_dim)

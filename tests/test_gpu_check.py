@@ -1,12 +1,15 @@
-"""scripts/gpu_check.sh and faser_sgl.sim.gpu_profile: the CPU dry run writes a cost profile the
-simulator loads; the carry budget check; and, on CUDA, the real profiler on a small shape and
-early exit on the GPU (these two are run by gpu_check.sh on the device)."""
+"""scripts/gpu_check.sh and faser_sgl.sim.gpu_profile: the CPU dry run runs every step but the
+CUDA ones (the shipped combination rehearsed on the CPU) and writes one results file, a cost
+profile the simulator loads; the install puts the wheelhouse's ninja on PATH; the carry budget
+check; and, on CUDA, the real profiler on a small shape and early exit on the GPU (these two are
+run by gpu_check.sh on the device)."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -34,11 +37,20 @@ def test_dry_run_writes_a_cost_profile_the_simulator_loads(tmp_path):
     results = tmp_path / "out" / "gpu_check.json"
     data = json.loads(results.read_text())
 
-    steps = data["gpu_check"]["steps"]
-    assert steps["environment"]["rc"] == 0 and steps["profile"]["rc"] == 0
-    assert steps["install"]["note"].startswith("skipped") and steps["cuda_tests"]["note"].startswith("skipped")
-    assert data["gpu_check"]["environment"]["cuda_available"] is False
+    check = data["gpu_check"]
+    steps = check["steps"]
+    assert list(steps) == ["environment", "install", "toolchain", "jit", "cuda_tests", "combination", "profile"]
+    assert all(s["rc"] == 0 for s in steps.values()), steps
+    for skipped in ("install", "jit", "cuda_tests"):  # no wheelhouse given; CUDA only
+        assert steps[skipped]["note"].startswith("skipped"), skipped
+    assert check["environment"]["cuda_available"] is False
+    assert check["toolchain"]["ninja"]  # the JIT's ninja resolves by name
+    # The shipped combination, rehearsed on the CPU: lossless, bf16 stand-in, server smoke.
+    assert check["combination"]["tests"] == 3 and check["combination"]["skipped"] == 0, check["combination"]
+    assert check["combination"]["failed"] == [] and check["ok"] is True
+    assert check["run"]["flashinfer_backend"] == "fa2" and check["total_s"] < 240
     assert (tmp_path / "out" / "profile.log").is_file()
+    assert sorted(p.suffix for p in (tmp_path / "out").glob("*.json")) == [".json"]  # one results file
 
     prof = data["gpu_profile"]
     assert prof["status"] == "complete", (prof["errors"], prof["skipped"])
@@ -60,6 +72,43 @@ def test_dry_run_writes_a_cost_profile_the_simulator_loads(tmp_path):
     # The split measured in the overlap stage, for the simulator's frontier pipeline.
     assert [(s.name, s.draft_share) for s in profile.splits] == [("cpu:shared", 0)]
     assert profile.splits[0].seconds("target", 4) > 0
+
+
+def fake_ninja_wheel(dest: Path) -> Path:
+    """A wheel shaped like PyPI's ninja: the binary in ninja/data/bin (here a script)."""
+    whl = dest / "ninja-1.13.0-py3-none-manylinux_2_17_x86_64.whl"
+    files = {"ninja/__init__.py": "", "ninja/data/bin/ninja": "#!/bin/sh\necho 1.13.0-fake\n",
+             "ninja-1.13.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: ninja\nVersion: 1.13.0\n",
+             "ninja-1.13.0.dist-info/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: py3-none-any\n"}
+    files["ninja-1.13.0.dist-info/RECORD"] = "".join(f"{name},,\n" for name in files) + \
+        "ninja-1.13.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(whl, "w") as z:
+        for name, text in files.items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (0o755 if name.endswith("bin/ninja") else 0o644) << 16
+            z.writestr(info, text)
+    return whl
+
+
+def test_the_wheelhouse_ninja_is_on_path_after_install(tmp_path):
+    """FlashInfer's JIT runs `ninja` by name; the carried ninja lands in the install target
+    ($SITE/bin or $SITE/ninja/data/bin), which the check puts on PATH."""
+    wheelhouse = tmp_path / "wh"
+    wheelhouse.mkdir()
+    fake_ninja_wheel(wheelhouse)
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WHEELHOUSE": str(wheelhouse),
+           "STEPS": "install toolchain", "TOTAL_S": "120"}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    steps = data["gpu_check"]["steps"]
+    install_log = (tmp_path / "out" / "install.log").read_text()
+    assert steps["install"]["rc"] == 0 and "ninja-1.13.0" in install_log, install_log
+    toolchain = data["gpu_check"]["toolchain"]
+    assert toolchain["ninja_from_site"], toolchain
+    assert "1.13.0-fake" in (tmp_path / "out" / "toolchain.log").read_text()
 
 
 def test_curve_points_average_equal_token_counts_and_never_decrease():

@@ -138,6 +138,15 @@ def _randomise(model, seed: int, std: float, noise_std: float = 0.0, noise_seed:
                 p.mul_(1.0 + noise_std * torch.randn(p.shape, generator=noise))
 
 
+# For FlashInfer tests: the same tiny llama at head_dim 64 (hidden 256 over 4 heads).  The default
+# tiny models have head_dim 16, which FlashInfer's FA2 prefill kernels refuse (they need
+# head_dim / 16 >= 4 MMA tiles); the weights' spread is scaled by 1/sqrt(4) for the wider hidden
+# size, so logits spread about as the default model's do.  The draft is the target perturbed by 2%,
+# as conftest's PARTIAL_DRAFT is the default target's.  Other tests' models are unchanged.
+HEAD_DIM64_TARGET = {"arch": "llama", "seed": 0, "hidden_size": 256, "intermediate_size": 256, "init_std": 0.075}
+HEAD_DIM64_DRAFT = {**HEAD_DIM64_TARGET, "noise_std": 0.02, "noise_seed": 1}
+
+
 def build_tiny_model(dest_dir: str | os.PathLike, arch: str = "llama", seed: int = 0, vocab_size: int = 512,
                      hidden_size: int = 64, num_layers: int = 3, num_heads: int = 4, num_kv_heads: int = 2,
                      intermediate_size: int = 128, max_position_embeddings: int = 1024,

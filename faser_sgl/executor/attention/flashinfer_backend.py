@@ -6,10 +6,17 @@ so every last page holds exactly 1 entry).  FlashInfer's causal mask is aligned 
 right (query j of a run of q_i sees KV 0 .. kv_i - q_i + j), which is exactly the ForwardBatch
 rule, so prefill, decode and draft verification all go through the same kernel.
 
+Which of FlashInfer's kernel families runs is FlashInfer's choice ("auto": FA3 on Hopper for the
+head dims it instantiates, FA2 elsewhere) unless FASER_SGL_FLASHINFER_BACKEND names one ("fa2",
+"fa3").  scripts/gpu_check.sh pins fa2: a cold JIT build of the FA3 kernels may not fit a borrowed
+machine's minutes.
+
 flashinfer is imported lazily: the module must import on machines without it (CPU CI).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -19,6 +26,15 @@ from faser_sgl.executor.kv_cache import KVCache
 
 WORKSPACE_BYTES = 128 * 1024 * 1024  # FlashInfer's recommended split-k scratch size
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+KERNEL_BACKENDS = ("auto", "fa2", "fa3")
+
+
+def kernel_backend_choice() -> str:
+    """FASER_SGL_FLASHINFER_BACKEND, default "auto" (FlashInfer decides per device)."""
+    choice = os.environ.get("FASER_SGL_FLASHINFER_BACKEND", "auto").strip() or "auto"
+    if choice not in KERNEL_BACKENDS:
+        raise ValueError(f"FASER_SGL_FLASHINFER_BACKEND must be one of {KERNEL_BACKENDS}, got {choice!r}")
+    return choice
 
 
 def flashinfer_unavailable_reason() -> str | None:
@@ -47,7 +63,13 @@ class FlashInferAttention(AttentionBackend):
         self.dtype = dtype
         self.device = torch.device(device)
         workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="NHD")
+        self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            workspace, kv_layout="NHD", backend=kernel_backend_choice())
+
+    @property
+    def kernel_backend(self) -> str | None:
+        """The kernel family FlashInfer settled on ("fa2"/"fa3"), known after the first plan()."""
+        return getattr(self.wrapper, "_backend", None)
 
     def begin_forward(self, batch: ForwardBatch) -> None:
         # plan() reads the indptrs on the host (it copies them there anyway), the page indices on
