@@ -119,6 +119,44 @@ def test_a_pair_whose_tokenizers_differ_is_refused_naming_the_first_differing_id
         Engine(models[target], models["swapped"], k=3)
 
 
+def rewritten_tokenizer_copy(src: str, dest: Path, edit=None) -> str:
+    """The model at src with its tokenizer.json re-serialised (other bytes, same content), after
+    ``edit(spec)`` if given."""
+    shutil.copytree(src, dest)
+    spec = json.loads((dest / "tokenizer.json").read_text())
+    if edit is not None:
+        edit(spec)
+    (dest / "tokenizer.json").write_text(json.dumps(spec, indent=1))
+    return str(dest)
+
+
+def test_tokenizers_are_compared_id_by_id_special_tokens_included(models, tmp_path):
+    from faser_sgl.speculative.vocab import check_tokenizers
+
+    target = models["target"]
+    same = rewritten_tokenizer_copy(models["partial"], tmp_path / "same")
+    check_tokenizers(same, target, SHARED, PADDED)  # other bytes, same tokens: accepted
+
+    def unmark_im_start(spec):
+        for added in spec["added_tokens"]:
+            if added["content"] == "<|im_start|>":
+                added["special"] = False
+
+    unmarked = rewritten_tokenizer_copy(models["partial"], tmp_path / "unmarked", unmark_im_start)
+    with pytest.raises(ValueError, match=r"differ at id 1 \(draft: '<\|im_start\|>', target: '<\|im_start\|>' \(special\)"):
+        check_tokenizers(unmarked, target, SHARED, SHARED)
+
+
+def test_a_pair_without_tokenizers_is_accepted_only_at_one_width(models, tmp_path):
+    from faser_sgl.speculative.vocab import check_tokenizers
+
+    bare = tmp_path / "bare"
+    shutil.copytree(models["partial"], bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    check_tokenizers(str(bare), models["target"], SHARED, SHARED)
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        check_tokenizers(str(bare), models["target_padded"], SHARED, PADDED)
+
+
 def test_draft_logits_are_mapped_onto_the_targets_ids():
     from faser_sgl.speculative.vocab import on_target_ids
 
