@@ -96,6 +96,9 @@ class SimulatedEarlyExit:
     def record_outcome(self, v: Verification, accepted: int) -> None:
         self.verifier.record_outcome(v, accepted)
 
+    def unseen_rejection(self, v: Verification, accepted: int) -> float | None:
+        return self.verifier.unseen_rejection(v, accepted)
+
     def run(self, total_tokens: int, verifications: list[Verification], outcomes: dict[int, int],
             seconds_per_token: float | None, pass_seconds) -> float:
         """Decide every prune of the pass (setting each Verification's verified/bonus/pruned_at)

@@ -163,7 +163,9 @@ class AdaptiveLength:
         # ... and the tokens it loses: per position s, the decayed mass of verifications in which
         # the row of d_s would have given a token (d_1..d_s accepted, imputed past a prune) and
         # the part of it that a prune dropped.  The plan counts a^s * row_yield(s) for that row.
-        self._row_reached = [0.0] * (self.max_k + 2)
+        # Both start as one reached verification with nothing lost, so that the first wrong
+        # prune moves the yield by PRUNE_SMOOTHING instead of setting it to zero.
+        self._row_reached = [1.0] * (self.max_k + 2)
         self._row_lost = [0.0] * (self.max_k + 2)
 
     # -- feedback ------------------------------------------------------------------------------
