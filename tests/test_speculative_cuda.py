@@ -63,6 +63,7 @@ def test_speculative_step_on_cuda(tiny_model_factory, partial_draft_path, head_d
         else head_dim64_pair
     kw = dict(device="cuda", attention_backend=backend, dtype=dtype)
     reference = Engine(target, None, **kw)
+    assert reference.runner.device.index is not None  # "cuda" became "cuda:N" in the executor too
     expected = reference.run([reference.make_request(p, 16, temperature=0) for p in PROMPTS])
     for scheme in ("rejection", "coupled"):
         engine = Engine(target, draft, k=4, sampling_scheme=scheme, **kw)

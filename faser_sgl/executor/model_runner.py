@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from faser_sgl.executor.attention import create_backend
+from faser_sgl.executor.device import indexed_device
 from faser_sgl.executor.forward_batch import ForwardBatch
 from faser_sgl.executor.kv_cache import KVCache, SlotAllocator, kv_bytes_per_token, slots_for_budget
 from faser_sgl.executor.loader import load_model
@@ -34,7 +35,7 @@ class ModelRunner:
                  defer_kv: bool = False, draft: "ModelRunner | None" = None, cpu_linear: str = "auto",
                  share_weights_mmap: bool = False):
         self.model_path = str(model_path)
-        self.device = torch.device(device)
+        self.device = indexed_device(device)  # "cuda" -> "cuda:N" (executor/device.py says why)
         self.dtype = dtype
         if cpu_linear not in ("auto", "off"):
             raise ValueError(f"cpu_linear must be 'auto' or 'off', got {cpu_linear!r}")
