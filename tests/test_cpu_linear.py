@@ -135,7 +135,7 @@ class FakeMachine:
 
 def _choose(machine) -> str:
     weight = torch.randn(32, 16)
-    return cpu_linear.choose_form(cpu_linear.measure(weight, cpu_linear.pack(weight), timer=machine.timer))
+    return cpu_linear.choose_form(cpu_linear.measure([weight], [cpu_linear.pack(weight)], timer=machine.timer))
 
 
 def test_a_lucky_sample_does_not_decide_the_form(monkeypatch):
@@ -182,8 +182,9 @@ def test_the_form_follows_the_geometric_mean_over_row_counts():
 
 
 def test_a_replaced_plain_weight_is_freed_before_the_next_is_packed(monkeypatch):
-    """Peak memory while converting stays one weight over one copy of the model: when a
-    weight is packed, every weight packed before it has already been freed."""
+    """Peak memory while converting stays the timed sample over one copy of the model: once a
+    shape's form is chosen, when a weight is packed, every weight packed before it has already
+    been freed (here the sample is one weight per shape)."""
     import weakref
 
     from torch import nn
@@ -199,7 +200,34 @@ def test_a_replaced_plain_weight_is_freed_before_the_next_is_packed(monkeypatch)
         return real_pack(weight)
 
     monkeypatch.setattr(cpu_linear, "pack", pack)
-    monkeypatch.setattr(cpu_linear, "choose_form_by_timing", lambda weight, packed: cpu_linear.PACKED)
+    monkeypatch.setattr(cpu_linear, "choose_form_by_timing", lambda weights, packs: cpu_linear.PACKED)
+    monkeypatch.setattr(cpu_linear, "timing_sample_size", lambda weight_bytes, count: 1)
     cpu_linear.accelerate(model)
     assert alive_at_pack == [0] * 6
     assert all(ref() is None for ref in earlier)
+
+
+def test_forms_are_timed_on_enough_weights_to_leave_the_cache(monkeypatch):
+    """A weight timed alone stays in the last-level cache (480 MiB on the Xeon of
+    docs/benchmarks.md, more than a 110 MB gate/up matrix), where F.linear's 1-row kernel
+    looked 30-70% faster than packed and timing chose it for the 1.5B's gate/up and down; in a
+    pass, weights come from memory.  So a shape is timed over as many of its weights as twice
+    the cache holds, each read once per sweep."""
+    from torch import nn
+
+    monkeypatch.setattr(cpu_linear, "last_level_cache_bytes", lambda: 10 * 32 * 16 * 4)
+    assert cpu_linear.timing_sample_size(32 * 16 * 4, 100) == 20
+    assert cpu_linear.timing_sample_size(32 * 16 * 4, 7) == 7
+    assert cpu_linear.timing_sample_size(10**9, 7) == 1
+    model = nn.Sequential(*[nn.Linear(16, 32) for _ in range(30)], nn.Linear(32, 8))
+    timed = {}
+    monkeypatch.setattr(cpu_linear, "choose_form_by_timing",
+                        lambda weights, packs: timed.setdefault(tuple(weights[0].shape), len(packs))
+                        and cpu_linear.PACKED)
+    cpu_linear.accelerate(model)
+    assert timed == {(32, 16): 20, (8, 32): 1}
+    swept = []
+    monkeypatch.setattr(cpu_linear, "packed_linear", lambda x, p, bias=None: swept.append(p))
+    weights = [torch.randn(32, 16) for _ in range(3)]
+    cpu_linear.measure(weights, ["a", "b", "c"], rows_list=(1,), trials=1)
+    assert swept == ["a", "b", "c"] * 2  # warm-up and one trial, each a sweep over all weights

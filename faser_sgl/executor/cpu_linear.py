@@ -12,9 +12,10 @@ Each weight is kept in one form only, never both (a second copy of a 1.5B model'
 ~7 GB, which is what stopped two servers from fitting on a 24 GiB machine): packed, served by
 oneDNN at every row count, or plain, served by ``F.linear``.  Which one is decided per weight
 shape on this machine by timing both forms at the row counts a server's passes have (decode
-batches and verification runs, 1-16 rows), in interleaved trials whose medians are compared,
-so that a core taken by another process for a moment, or a slow phase of the machine, cannot
-decide it (``measure`` / ``choose_form``).  Results differ from ``F.linear`` only by float32
+batches and verification runs, 1-16 rows), over enough weights of that shape to exceed the
+last-level cache (as a pass reads them, from memory), in interleaved trials whose medians are
+compared, so that a core taken by another process for a moment, or a slow phase of the
+machine, cannot decide it (``measure`` / ``choose_form``).  Results differ from ``F.linear`` only by float32
 rounding.  CUDA never comes here (it keeps its own kernels).
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -75,17 +77,47 @@ class PackedLinear(nn.Module):
         return self.packed.to_dense()
 
 
-def measure(weight: torch.Tensor, packed: torch.Tensor, rows_list=TIMED_ROWS, trials: int = TRIALS,
-            timer: Callable[[], float] | None = None) -> dict[tuple[int, str], float]:
-    """Median seconds of one product per (rows, form).  The trials are interleaved (each trial
-    times every row count on both forms, in alternating order), so that a slow phase of the
-    machine falls on both forms alike, and the median ignores a sample that one lucky or unlucky
-    moment produced."""
+def last_level_cache_bytes() -> int:
+    """This CPU's largest cache (sysfs), or 64 MiB where the kernel does not say."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip().upper()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=64 * 2**20)
+
+
+def timing_sample_size(weight_bytes: int, count: int) -> int:
+    """How many weights of one shape to time in a sweep: enough to hold twice the last-level
+    cache, so that each product reads its weight from memory as in a real pass (a weight timed
+    alone stays in a large cache, where F.linear's one-row kernel looks far better than it does
+    on a pass that streams 7 GB), and never more than the model has."""
+    return max(1, min(count, math.ceil(2 * last_level_cache_bytes() / max(weight_bytes, 1))))
+
+
+def measure(weights: list[torch.Tensor], packs: list[torch.Tensor], rows_list=TIMED_ROWS,
+            trials: int = TRIALS, timer: Callable[[], float] | None = None) -> dict[tuple[int, str], float]:
+    """Median seconds of one sweep of products (one per weight of the list, as a pass does
+    layer after layer) per (rows, form).  The trials are interleaved (each trial times every
+    row count on both forms, in alternating order), so that a slow phase of the machine falls
+    on both forms alike, and the median ignores a sample that one lucky or unlucky moment
+    produced."""
     timer = timer or time.perf_counter
-    calls = {PLAIN: lambda x: F.linear(x, weight), PACKED: lambda x: packed_linear(x, packed)}
+
+    def plain(x):
+        for weight in weights:
+            F.linear(x, weight)
+
+    def packed(x):
+        for p in packs:
+            packed_linear(x, p)
+
+    calls = {PLAIN: plain, PACKED: packed}
     samples: dict[tuple[int, str], list[float]] = {}
     with torch.inference_mode():
-        inputs = {rows: torch.randn(rows, weight.shape[1], dtype=weight.dtype) for rows in rows_list}
+        inputs = {rows: torch.randn(rows, weights[0].shape[1], dtype=weights[0].dtype) for rows in rows_list}
         for x in inputs.values():  # warm-up: first calls pay for oneDNN's kernel creation
             for call in calls.values():
                 call(x)
@@ -109,30 +141,39 @@ def choose_form(medians: dict[tuple[int, str], float]) -> str:
     return PACKED if log_ratio <= 0 else PLAIN
 
 
-def choose_form_by_timing(weight: torch.Tensor, packed: torch.Tensor) -> str:
-    """The form this CPU serves a weight of this shape best in (measured at start-up)."""
-    return choose_form(measure(weight.detach(), packed))
+def choose_form_by_timing(weights: list[torch.Tensor], packs: list[torch.Tensor]) -> str:
+    """The form this CPU serves weights of this shape best in (measured at start-up)."""
+    return choose_form(measure([w.detach() for w in weights], packs))
 
 
 def accelerate(model: nn.Module) -> dict[tuple[int, int], str]:
     """Replace each nn.Linear of a float32 CPU model whose shape measured faster packed by a
-    PackedLinear, dropping its plain weight (so memory peaks at one weight over one copy); the
-    others stay nn.Linear.  Forms are timed once per distinct weight shape.  Returns the form
-    chosen per weight shape."""
+    PackedLinear, dropping its plain weight; the others stay nn.Linear.  Forms are timed once
+    per distinct weight shape, on a sample of that shape's weights (timing_sample_size), so
+    memory peaks at that sample's packed copies (about twice the last-level cache) over one
+    copy of the model.  Returns the form chosen per weight shape."""
     plan: dict[tuple[int, int], str] = {}
     # (parent, name) only: a list holding the nn.Linear modules themselves would keep every
     # replaced plain weight alive until the end, i.e. both copies of the model at the peak.
-    slots = [(parent, name) for parent in model.modules()
-             for name, child in parent.named_children() if isinstance(child, nn.Linear)]
-    for parent, name in slots:
-        child = getattr(parent, name)
-        shape = tuple(child.weight.shape)
-        if plan.get(shape) == PLAIN:
-            continue
-        packed = pack(child.weight)
-        if shape not in plan:
-            plan[shape] = choose_form_by_timing(child.weight, packed)
-        if plan[shape] == PACKED:
+    groups: dict[tuple[int, int], list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                groups.setdefault(tuple(child.weight.shape), []).append((parent, name))
+    for shape, slots in groups.items():
+        first = getattr(*slots[0]).weight
+        sample = timing_sample_size(first.numel() * first.element_size(), len(slots))
+        del first
+        packs = [pack(getattr(parent, name).weight) for parent, name in slots[:sample]]
+        plan[shape] = choose_form_by_timing([getattr(p, n).weight for p, n in slots[:sample]], packs)
+        for i, (parent, name) in enumerate(slots):
+            if plan[shape] == PLAIN:
+                break
+            child = getattr(parent, name)
+            packed = packs[i] if i < len(packs) else pack(child.weight)
             setattr(parent, name, PackedLinear(packed, child.bias))
-        del packed, child  # the plain weight goes with the nn.Linear it belonged to
+            if i < len(packs):
+                packs[i] = None
+            del packed, child  # the plain weight goes with the nn.Linear it belonged to
+        del packs
     return plan
