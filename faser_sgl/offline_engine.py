@@ -35,7 +35,8 @@ class OfflineEngine:
                  device: str = "cpu", attention_backend: str = "torch", cpu_linear: str = "auto",
                  early_exit: bool | None = None, exit_options: dict | None = None,
                  frontier_size: int | None = 0, pipeline_split: int | None = None,
-                 prefix_cache: bool = False):
+                 prefix_cache: bool = False, batch_table: str | None = None,
+                 batch_ema_config: str | None = None):
         """tokenizer: enables stop strings (make_request(stop=...)); sampling_scheme: how sampled
         requests draw, see faser_sgl.managers.request.uses_coupled_sampling.  early_exit: FASER's
         early exit in verification (None: on for the faser policy only); exit_options: keyword
@@ -43,7 +44,8 @@ class OfflineEngine:
         diagnostic).  frontier_size / pipeline_split: FASER's frontier pipeline, as
         --faser-frontier-size / --faser-pipeline-split (0: serial steps, the default here;
         None: chosen per step).  prefix_cache: the server's radix prefix cache (on there unless
-        --disable-radix-cache; off here by default so that runs do not depend on each other)."""
+        --disable-radix-cache; off here by default so that runs do not depend on each other).
+        batch_table / batch_ema_config: as --faser-batch-table / --faser-batch-ema-config."""
         # kv_slots=None sizes the pool from mem_fraction of available memory, as the server does
         # without --max-total-tokens; with a draft, one budget covers both models' pools.
         self.speculative = draft_path is not None and policy != "none"
@@ -65,7 +67,7 @@ class OfflineEngine:
         self.stop_checker = StopChecker(tokenizer)
         # cost_profile: as --speculative-cost-profile (adaptive policy only).
         self.policy = make_policy(policy if self.speculative else "none", num_draft_tokens,
-                                  cost_profile if self.speculative else None)
+                                  *((cost_profile, batch_table, batch_ema_config) if self.speculative else ()))
         self.num_draft_tokens = num_draft_tokens
         if self.speculative:
             from faser_sgl.speculative.draft_worker import DraftWorker

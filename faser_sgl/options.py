@@ -41,13 +41,18 @@ class FaserOptions:
     num_threads: int = 0
     # Speculative decoding: none (target only), fixed (K drafts per request per step, the
     # SGLang/vLLM-style baseline), adaptive (per-request lengths up to K, chosen each step from
-    # acceptance and measured cost) or faser.
+    # acceptance and measured cost) or faser; batch-ema / batch-table: SGLang's and vLLM's
+    # batch-wide adaptive schemes as baselines (speculative/batch_ema.py, batch_table.py).
     speculative_policy: str = "none"
     speculative_draft_model_path: str | None = None
     speculative_num_draft_tokens: int = 4
     # Adaptive policy only: "target=FIXED_MS+PER_TOKEN_MS,draft=FIXED_MS+PER_TOKEN_MS" pins its
     # cost model instead of measuring it (None: calibrate at start-up and learn from passes).
     speculative_cost_profile: str | None = None
+    # batch-table policy only: "START:K,..." (None: batch_table.DEFAULT_BATCH_TABLE); batch-ema
+    # policy only: a JSON file like SGLang's --speculative-adaptive-config (None: its defaults).
+    batch_table: str | None = None
+    batch_ema_config: str | None = None
     # How sampled requests draw (faser_sgl.managers.request.uses_coupled_sampling): from their
     # own random stream with rejection sampling of drafts, or by coupled Gumbel-max whose text
     # does not depend on the draft lengths.
@@ -124,12 +129,17 @@ class FaserOptions:
                                 "the weights are this process's own memory")
         group.add_argument("--faser-num-threads", type=int, default=0,
                            help="torch threads in the scheduler process (0: torch default)")
-        group.add_argument("--speculative-policy", choices=["none", "fixed", "adaptive", "faser"],
+        group.add_argument("--speculative-policy",
+                           choices=["none", "fixed", "adaptive", "faser", "batch-ema", "batch-table"],
                            default="none",
                            help="none: target only; fixed: K draft tokens per request per step; "
                                 "adaptive: 0..K per request per step, chosen from its acceptance "
                                 "and the measured cost of drafting and verifying; faser: adaptive + "
-                                "early exit inside verification (each mechanism switchable)")
+                                "early exit inside verification (each mechanism switchable); "
+                                "baselines: batch-ema (SGLang's --speculative-adaptive: one length "
+                                "for the batch from an average of accepted drafts per batch-size "
+                                "bucket), batch-table (vLLM's dynamic speculative decoding: one "
+                                "length for the batch from a batch-size table)")
         group.add_argument("--speculative-draft-model-path", default=None,
                            help="draft model directory (default: the embedded Qwen2.5-Coder-0.5B draft)")
         group.add_argument("--speculative-num-draft-tokens", type=int, default=4,
@@ -141,6 +151,14 @@ class FaserOptions:
                            help="adaptive policy only: pin its cost model to these lines (milliseconds "
                                 "per pass plus per token, e.g. target=30+0.01,draft=2+0.01 for a GPU) "
                                 "instead of timing passes at start-up and while serving")
+        group.add_argument("--faser-batch-table", default=None, metavar="BATCH_SIZE:K,...",
+                           help="batch-table policy only: K for batches from each size up to the next "
+                                "entry's, e.g. 1:4,8:2,32:1,64:0 (the default; the first size must be "
+                                "1; K is clamped to --speculative-num-draft-tokens)")
+        group.add_argument("--faser-batch-ema-config", default=None, metavar="PATH",
+                           help="batch-ema policy only: a JSON file shaped like SGLang's "
+                                "--speculative-adaptive-config (batch-size bucket keys with "
+                                "candidate_steps and rules; default: SGLang 0.5.23's)")
 
         group.add_argument("--faser-sampling-scheme", choices=["rejection", "coupled", "seeded-coupled"],
                            default=FaserOptions.sampling_scheme,
@@ -239,6 +257,7 @@ class FaserOptions:
                 parse_cost_profile(profile)
             except ValueError as exc:
                 raise SystemExit(f"--speculative-cost-profile {profile!r}: {exc}") from None
+        batch_table, batch_ema_config = _baseline_options(args)
         draft = args.speculative_draft_model_path
         if args.speculative_policy != "none" and draft is None:
             from faser_sgl import default_models
@@ -258,6 +277,8 @@ class FaserOptions:
             speculative_draft_model_path=draft,
             speculative_num_draft_tokens=args.speculative_num_draft_tokens,
             speculative_cost_profile=profile,
+            batch_table=batch_table,
+            batch_ema_config=batch_ema_config,
             sampling_scheme=args.faser_sampling_scheme,
             early_exit=args.faser_early_exit,
             exit_layers=layers,
@@ -271,3 +292,31 @@ class FaserOptions:
             record_acceptance=args.faser_record_acceptance,
             record_steps=args.faser_record_steps,
         )
+
+
+def _baseline_options(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """--faser-batch-table / --faser-batch-ema-config, checked at start-up: each belongs to its
+    policy, and a table or file that does not parse is refused before any model loads."""
+    policy, k = args.speculative_policy, args.speculative_num_draft_tokens
+    table, config = args.faser_batch_table, args.faser_batch_ema_config
+    if table is not None:
+        if policy != "batch-table":
+            raise SystemExit(f"--faser-batch-table is only used by --speculative-policy batch-table "
+                             f"(got --speculative-policy {policy})")
+        from faser_sgl.speculative.batch_table import parse_batch_table
+
+        try:
+            parse_batch_table(table)
+        except ValueError as exc:
+            raise SystemExit(f"--faser-batch-table {table!r}: {exc}") from None
+    if config is not None:
+        if policy != "batch-ema":
+            raise SystemExit(f"--faser-batch-ema-config is only used by --speculative-policy batch-ema "
+                             f"(got --speculative-policy {policy})")
+        from faser_sgl.speculative.batch_ema import load_batch_ema_config
+
+        try:
+            load_batch_ema_config(config, k)
+        except ValueError as exc:
+            raise SystemExit(f"--faser-batch-ema-config {config}: {exc}") from None
+    return table, config

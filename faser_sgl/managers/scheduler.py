@@ -156,7 +156,8 @@ class Scheduler:
         self.sampler = Sampler()
         self.stop_checker = StopChecker(self.tokenizer)
         self.policy = make_policy(options.speculative_policy, options.speculative_num_draft_tokens,
-                                  options.speculative_cost_profile)
+                                  options.speculative_cost_profile, options.batch_table,
+                                  options.batch_ema_config)
         self.speculative = options.speculative_policy != "none"
         if self.speculative:
             from faser_sgl.speculative.early_exit import make_early_exit

@@ -49,7 +49,7 @@ class SimServer:
         self.allocator = SlotAllocator(setting.max_total_tokens)
         self.planner = BatchPlanner(self.allocator, setting.max_running_requests, setting.max_step_tokens)
         self.policy = make_policy(opts.speculative_policy, opts.speculative_num_draft_tokens,
-                                  opts.speculative_cost_profile)
+                                  opts.speculative_cost_profile, opts.batch_table, opts.batch_ema_config)
         self.clock = SimClock()
         self.pipeline_note = None  # why a pipelining setting runs serially here
         self.executor = SimExecutor(profile, self.clock, cost_noise, np.random.default_rng([seed, 7]))
