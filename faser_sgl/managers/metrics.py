@@ -10,6 +10,8 @@ from __future__ import annotations
 DRAFT_LENGTH_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16)
 ACCEPT_LENGTH_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 17)
 FRONTIER_BUCKETS = (0, 1, 2, 3, 4, 6, 8)
+# Measured step time / the cost model's prediction of it (1: right; both ways by the same factors).
+PREDICTION_RATIO_BUCKETS = (0.5, 0.67, 0.8, 0.9, 0.95, 1.05, 1.11, 1.25, 1.5, 2.0, 4.0)
 
 
 class SchedulerMetrics:
@@ -51,6 +53,9 @@ class SchedulerMetrics:
         self.cache_hit_tokens = counter("faser:cache_hit_tokens", "Prompt tokens whose KV came from the prefix cache")
         self.frontiers = histogram("faser:spec_frontiers_per_step", "Draft frontiers verified per step",
                                    FRONTIER_BUCKETS)
+        self.prediction_ratio = histogram("faser:spec_step_time_over_prediction",
+                                          "Measured step time / the speculation policy's predicted step time",
+                                          PREDICTION_RATIO_BUCKETS)
 
     def observe_step(self, running: int, waiting: int, used_slots: int, total_slots: int,
                      step_tokens: int, new_tokens: int, finished: int) -> None:
@@ -75,6 +80,10 @@ class SchedulerMetrics:
         self.drafted_tokens.inc(drafted)
         self.accepted_tokens.inc(accepted)
         self.accept_length.observe(accepted + 1)
+
+    def observe_prediction(self, measured_s: float, predicted_s: float) -> None:
+        if predicted_s > 0:
+            self.prediction_ratio.observe(measured_s / predicted_s)
 
     def observe_draft_lengths(self, lengths: list[int]) -> None:
         """Every decode's chosen length, zeros included (an adaptive policy's "do not draft")."""

@@ -443,6 +443,7 @@ class Scheduler:
             self.faults.arm(c.req.rid for c in chunks)
         if self.step_recorder is not None:
             self.step_recorder.begin()
+        started = time.perf_counter()
         try:
             new_tokens = self.generator.generate(chunks)
             self._preempted_last_step = new_tokens is None
@@ -478,11 +479,15 @@ class Scheduler:
         if to_send:
             self.send_outputs(to_send)
         self._update_throughput()
+        # The cost model's prediction of the step it chose, beside the measured time.
+        prediction = getattr(self.generator, "last_prediction", None)
         if self.metrics is not None:
             self._observe_step(chunks, verify_before, generated_before, finished_before)
+            if prediction is not None:
+                self.metrics.observe_prediction(time.perf_counter() - started, prediction[0])
         if self.step_recorder is not None:
             self.step_recorder.end(chunks, self.stats["num_generated_tokens"] - generated_before,
-                                   False, self.planner.has_work())
+                                   False, self.planner.has_work(), prediction)
 
     def _recover_from_failed_step(self, involved: list[Request]) -> None:
         """A failed pass must not take the server down, nor fail requests that merely shared

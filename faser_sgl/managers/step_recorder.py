@@ -13,7 +13,9 @@ A line::
 ``t``: seconds since the recorder started; ``wall``: from planning to the outputs sent;
 ``gap``: from the previous step's end to this one's start when the scheduler had work all along
 (the loop's socket reads and bookkeeping between steps), else null; ``passes``: in the order
-they ended (a pipelined step's draft and target passes overlap).
+they ended (a pipelined step's draft and target passes overlap).  Speculative policies add
+``predicted`` and ``predicted_no_draft``: their cost model's seconds for the step as chosen and
+for the same step without drafts, so that a wrong cost model shows itself beside ``wall``.
 """
 
 from __future__ import annotations
@@ -46,7 +48,10 @@ class StepRecorder:
         self._start = time.perf_counter()
         self._passes = []  # (start-up calibration's passes, or a failed step's, are not this step's)
 
-    def end(self, chunks, emitted: int, preempted: bool, still_busy: bool) -> None:
+    def end(self, chunks, emitted: int, preempted: bool, still_busy: bool,
+            prediction: tuple[float, float] | None = None) -> None:
+        """``prediction``: the speculative generator's (predicted seconds of the step as its
+        policy chose it, of the same step without drafts), or None."""
         end = time.perf_counter()
         line = {"t": round(self._start - self._origin, 6), "wall": round(end - self._start, 6),
                 "gap": round(self._start - self._last_end, 6) if self._last_end is not None else None,
@@ -54,6 +59,8 @@ class StepRecorder:
                 "decodes": sum(1 for c in chunks if _is_decode(c)),
                 "prefill_tokens": sum(len(c.tokens) for c in chunks if not _is_decode(c)),
                 "emitted": emitted, "preempted": preempted}
+        if prediction is not None:
+            line["predicted"], line["predicted_no_draft"] = (round(x, 6) for x in prediction)
         self._last_end = end if still_busy else None
         try:
             self._file.write(json.dumps(line) + "\n")

@@ -85,12 +85,19 @@ class CostCurve:
             return self.prior[0] + self.prior[1] * tokens
         if len(points) == 1:
             (n0, s0), = points
-            return max(0.0, s0 + self.prior[1] * (tokens - n0))
+            estimate = s0 + self.prior[1] * (tokens - n0)
+            return max(0.0, estimate if tokens >= n0 else max(estimate, s0 * tokens / n0))
         i = bisect.bisect_left(self._keys, tokens)
         i = min(max(i, 1), len(points) - 1)  # interpolate inside, extrapolate the end segments
         (n0, s0), (n1, s1) = points[i - 1], points[i]
         slope = max(0.0, (s1 - s0) / (n1 - n0)) if n1 > n0 else 0.0
-        return max(0.0, s0 + slope * (tokens - n0))
+        estimate = s0 + slope * (tokens - n0)
+        if tokens < n0:
+            # Below the smallest size measured, a steep first segment (or the prior's slope from
+            # one prefill-sized point) extrapolated to zero or less: a pass costs at least its
+            # share of the smallest measured pass, as if its cost were all per token.
+            estimate = max(estimate, s0 * tokens / n0)
+        return max(0.0, estimate)
 
 
 COST_PROFILE_SYNTAX = "target=FIXED_MS+PER_TOKEN_MS,draft=FIXED_MS+PER_TOKEN_MS"
@@ -293,6 +300,15 @@ class AdaptiveLength:
         remaining = max(1, req.stop.max_new_tokens - len(req.output_ids))
         return max(0.0, extra) / remaining
 
+    def predict_step(self, reqs: list[Request], lengths: list[int], step_tokens: int = 0) -> float:
+        """Predicted seconds of a step that drafts ``lengths`` for ``reqs`` beside ``step_tokens``
+        target tokens: the time the choice below weighs goodput against (so that the step
+        records can show where this view of a step and the measured one differ)."""
+        plan = _StepPlan(self, [self.accept_rate(r) for r in reqs], max(step_tokens, len(reqs)),
+                         [self.catch_up_per_token(r) for r in reqs])
+        plan.reset(lengths)
+        return plan.seconds
+
     # -- choice --------------------------------------------------------------------------------
     def choose_lengths(self, reqs: list[Request], step_tokens: int = 0) -> list[int]:
         """``step_tokens``: tokens the target pass carries without any draft (each decode's own
@@ -354,10 +370,17 @@ class _StepPlan:
         self.extra_s = sum(self._catch_up_of(i, k) for i, k in enumerate(lengths))
         self.goodput = self._goodput(self.tokens, self.target_tokens, self.rows, self.extra_s)
 
-    def _goodput(self, tokens: float, target_tokens: float, rows: list[int], extra_s: float) -> float:
+    @property
+    def seconds(self) -> float:
+        """Predicted seconds of the step with the current lengths."""
+        return self._seconds(self.target_tokens, self.rows, self.extra_s)
+
+    def _seconds(self, target_tokens: float, rows: list[int], extra_s: float) -> float:
         seconds = self.policy.target_cost.predict(target_tokens) + extra_s
-        seconds += sum(self.policy.draft_cost.predict(n) for n in rows if n)
-        return tokens / max(seconds, 1e-9)
+        return seconds + sum(self.policy.draft_cost.predict(n) for n in rows if n)
+
+    def _goodput(self, tokens: float, target_tokens: float, rows: list[int], extra_s: float) -> float:
+        return tokens / max(self._seconds(target_tokens, rows, extra_s), 1e-9)
 
     def goodput_of(self, lengths: list[int]) -> float:
         self.reset(lengths)

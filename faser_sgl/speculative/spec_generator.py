@@ -22,7 +22,9 @@ a request that drafts nothing this step (or is still in prefill) costs the draft
 first pass of its next drafting step feeds what the draft has not seen, in one ragged pass
 bounded in time (``_catch_up_budget``).  So a policy that chooses k = 0 pays nothing for the
 draft model.  Every forward pass is timed and reported to
-the policy (cost-aware policies fit their cost model to it).
+the policy (cost-aware policies fit their cost model to it).  A step in which nobody drafts
+(k = 0 everywhere, no catch-up) is run by the speculation-free generator itself, so it costs
+what a step without speculation costs.
 FASER's frontier pipeline (frontier.py) is a subclass whose steps may instead verify the drafts
 in chunks while the next chunk is drafted on another part of the machine; it reuses the draft
 passes, the acceptance and the roll-back here.
@@ -85,6 +87,10 @@ class SpeculativeGenerator:
         self._emitted_logprobs: dict[int, list] = {}
         # A list to record every timed pass as (model, thread name, start, end), or None.
         self.trace: list[tuple[str, str, float, float]] | None = None
+        self._plain_generator = None  # runs the steps in which nobody drafts (_plain_step)
+        # (predicted seconds of the last step as chosen, and with no drafts): _predict_step.
+        self.last_prediction: tuple[float, float] | None = None
+        self.num_plain_steps = 0
 
     # -- cost calibration --------------------------------------------------------------------
     def calibrate(self, repeats: int = 2) -> float:
@@ -201,17 +207,34 @@ class SpeculativeGenerator:
         self._emitted_logprobs.clear()
         decodes = [c.req for c in chunks if c.needs_logits and len(c.tokens) == 1]
         prefilling = any(len(c.tokens) > 1 or not c.needs_logits for c in chunks)
+        step_tokens = sum(len(c.tokens) for c in chunks)
         if prefilling and not self.DRAFT_BESIDE_PREFILL:
             lengths, catch_up = [0] * len(decodes), {}  # prefill in this step: no drafting
         else:
-            lengths, catch_up = self._draft_lengths(decodes, sum(len(c.tokens) for c in chunks))
+            lengths, catch_up = self._draft_lengths(decodes, step_tokens)
             if self.on_draft_lengths is not None and lengths:
                 self.on_draft_lengths(lengths)
+        self.last_prediction = self._predict_step(decodes, lengths, step_tokens)
         return self._run_step(chunks, decodes, lengths, catch_up)
+
+    def _predict_step(self, decodes: list[Request], lengths: list[int], step_tokens: int) -> tuple[float, float]:
+        """(seconds of the step as chosen, seconds of the same step with no drafts), as the
+        policy's cost model predicts them; for a policy without one (fixed K), from the measured
+        pass costs: one target pass over the step's tokens and drafts, one draft pass per draft
+        position.  The scheduler sets them beside the measured step time."""
+        predict = getattr(self.policy, "predict_step", None)
+        if predict is not None:
+            return predict(decodes, lengths, step_tokens), predict(decodes, [0] * len(decodes), step_tokens)
+        target, draft = self.pass_costs["target"], self.pass_costs["draft"]
+        rows = [sum(k > s for k in lengths) for s in range(max(lengths, default=0))]
+        chosen = target.predict(step_tokens + sum(lengths)) + sum(draft.predict(n) for n in rows)
+        return chosen, target.predict(step_tokens)
 
     def _run_step(self, chunks: list[ScheduledChunk], decodes: list[Request], lengths: list[int],
                   catch_up: dict[int, int]) -> dict[Request, list[int]] | None:
         """Draft, then verify every draft in one target pass (the serial step)."""
+        if not any(lengths) and not catch_up:
+            return self._plain_step(chunks)
         k_of = {id(r): k for r, k in zip(decodes, lengths)}
         try:
             drafts, draft_probs, candidates = self._run_draft(decodes, lengths, catch_up)
@@ -269,6 +292,26 @@ class SpeculativeGenerator:
             out[req] = emitted[:self._settle(req, k, v, verified, accepted, bonus, emitted)]
         # Prefill-only chunks: nothing to emit (the draft sees their tokens when they draft).
         return out
+
+    def _plain_step(self, chunks: list[ScheduledChunk]) -> dict[Request, list[int]]:
+        """A step in which nobody drafts costs what a step of ``--speculative-policy none``
+        costs: the same generator runs it (one pass, one batched sampling call), with no draft
+        pass, no per-request acceptance and no verification bookkeeping.  Its pass is still
+        timed for the policy's cost model, as every pass is."""
+        plain = self._plain_generator
+        if plain is None:
+            from faser_sgl.managers.token_generator import TargetOnlyGenerator
+
+            plain = self._plain_generator = TargetOnlyGenerator(self.target, self.sampler, self.stop_checker)
+            plain.on_pass = self._report_pass
+        self.num_plain_steps += 1
+        return plain.generate(chunks)
+
+    def _report_pass(self, model: str, tokens: int, seconds: float) -> None:
+        """A pass timed elsewhere (the plain step's): to the cost curves, policy and recorder."""
+        self._observe_pass(model, tokens, seconds)
+        if self.on_pass is not None:
+            self.on_pass(model, tokens, seconds)
 
     def _settle(self, req: Request, k: int, v, verified: int, accepted: int, bonus: bool,
                 emitted: list[int]) -> int:
