@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command for a borrowed GPU machine (docs/gpu_check.md):
 #
-#   bash scripts/gpu_check.sh              on the device, with wheelhouse/ carried (make wheelhouse)
+#   STEPS=install WHEELHOUSE=wheelhouse_server bash scripts/gpu_check.sh
+#                                          device call 1: SGLang's front half (carry wheelhouse_server)
+#   bash scripts/gpu_check.sh              device call 2, on the still-warm machine (carry wheelhouse)
 #   bash scripts/gpu_check.sh --dry-run    on a CPU: every step but the CUDA ones (see below)
 #
 # Steps, in order (STEPS="..." runs a subset, e.g. a rerun of "cuda_tests combination"):
@@ -56,11 +58,15 @@ if [ "$DRY_RUN" = 1 ]; then
   SITE="$OUT/site"              # a rehearsal never writes into the real wheelhouse
 else
   WHEELHOUSE=${WHEELHOUSE:-wheelhouse}
-  SITE="$PWD/wheelhouse/site"   # where missing wheels go (pip --target; ignored by git)
+  SITE="$(cd "$(dirname "$WHEELHOUSE")" && pwd)/$(basename "$WHEELHOUSE")/site"  # pip --target; ignored
 fi
-export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# SGLang's front half for the HTTP smoke test does not fit one call beside FlashInfer: call 1
+# installs wheelhouse_server/ into its own site, which stays on the warm machine for call 2
+# (docs/gpu_check.md: two calls).  It is on the path whichever wheelhouse this run installs.
+SERVER_SITE=${SERVER_SITE:-$PWD/wheelhouse_server/site}
+export PYTHONPATH="$SITE:$SERVER_SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$SITE/bin:$SITE/ninja/data/bin:$PATH"
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 DRY_RUN SITE
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 DRY_RUN SITE SERVER_SITE
 export FASER_SGL_FLASHINFER_BACKEND=${FASER_SGL_FLASHINFER_BACKEND:-fa2}
 if [ -n "${MAX_JOBS:-}" ]; then export MAX_JOBS; fi   # ninja -j for the JIT (default: cores + 2)
 if [ -n "$WHEELHOUSE" ] && [ -d "$WHEELHOUSE/tiny_models" ]; then
@@ -207,8 +213,13 @@ EOF
       "$0" -c "import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]" "$1" $missing
     fi
     chmod +x "$1"/ninja/data/bin/* "$1"/bin/* 2>/dev/null || true
-    if [ "$DRY_RUN" != 1 ]; then
+    # What this wheelhouse is for must import from here (a dry run checks only its server part,
+    # whose wheels a rehearsal builds for the local Python).
+    if ls "$2"/flashinfer_python-*.whl >/dev/null 2>&1 && [ "$DRY_RUN" != 1 ]; then
       "$0" -c "import flashinfer, tvm_ffi, safetensors, pytest; print(\"flashinfer\", flashinfer.__version__)"
+    fi
+    if ls "$2"/sglang-*.whl >/dev/null 2>&1; then
+      "$0" -c "import sglang.srt.entrypoints.http_server, fastapi, uvicorn, zmq; print(\"sglang front half from\", sglang.__file__)"
     fi
   ' "$PY" "$SITE" "$WHEELHOUSE"
 fi

@@ -20,7 +20,9 @@ from faser_sgl.executor.model_runner import ModelRunner
 from test_executor_attention import ragged_case
 
 REASON = flashinfer_unavailable_reason()
-QWEN3_HEAD_DIM64 = {"hidden_size": 256, "init_std": 0.075}  # qwen3 at head_dim 64 (256 / 4 heads)
+# qwen3 at head_dim 64 (128 over 2 query heads, 1 KV head), sized as tiny_model.HEAD_DIM64_TARGET
+QWEN3_HEAD_DIM64 = {"hidden_size": 128, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 128,
+                    "init_std": 0.106}
 
 def needs_flashinfer(test):
     return pytest.mark.cuda(pytest.mark.skipif(REASON is not None, reason=REASON or "")(test))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import zipfile
 from pathlib import Path
@@ -128,13 +129,37 @@ def test_carry_budget(tmp_path):
     assert not over["ok"]
 
 
+def image_packages() -> set[str]:
+    return {line.strip() for line in (ROOT / "scripts" / "device_image_packages.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+
+
+def wheel_dists(wheelhouse: Path) -> set[str]:
+    return {re.sub(r"[-_.]+", "-", p.name.split("-")[0].lower()) for p in wheelhouse.glob("*.whl")}
+
+
 @pytest.mark.skipif(not (ROOT / "wheelhouse").is_dir(), reason="no wheelhouse/ (make wheelhouse)")
 def test_built_wheelhouse_fits_the_carry_budget():
+    """Call 2's carry: FlashInfer, slimmed, and only what the device image lacks."""
     r = check_carry(["wheelhouse"], 60, root=ROOT)
     assert r["ok"], r
-    names = [p.name for p in (ROOT / "wheelhouse").glob("*.whl")]
-    assert any(n.startswith("flashinfer_python-") for n in names)
+    assert "flashinfer-python" in wheel_dists(ROOT / "wheelhouse")
+    assert not wheel_dists(ROOT / "wheelhouse") & image_packages()
     assert (ROOT / "wheelhouse" / "tiny_models").is_dir()
+
+
+@pytest.mark.skipif(not (ROOT / "wheelhouse_server").is_dir(), reason="no wheelhouse_server/ (make wheelhouse)")
+def test_built_server_wheelhouse_fits_the_carry_budget():
+    """Call 1's carry: SGLang's front half, slimmed (no Rust extensions), and its dependencies
+    the image lacks; with tvm_ffi too, so that call 1 imports the server on its own."""
+    r = check_carry(["wheelhouse_server"], 60, root=ROOT)
+    assert r["ok"], r
+    dists = wheel_dists(ROOT / "wheelhouse_server")
+    assert {"sglang", "fastapi", "uvicorn", "pyzmq", "pydantic", "apache-tvm-ffi"} <= dists
+    assert not dists & image_packages()
+    sglang = next((ROOT / "wheelhouse_server").glob("sglang-*.whl"))
+    with zipfile.ZipFile(sglang) as z:
+        assert not [n for n in z.namelist() if n.endswith(".so") or n.startswith("sglang/multimodal_gen/")]
 
 
 @pytest.mark.cuda

@@ -138,12 +138,16 @@ def _randomise(model, seed: int, std: float, noise_std: float = 0.0, noise_seed:
                 p.mul_(1.0 + noise_std * torch.randn(p.shape, generator=noise))
 
 
-# For FlashInfer tests: the same tiny llama at head_dim 64 (hidden 256 over 4 heads).  The default
-# tiny models have head_dim 16, which FlashInfer's FA2 prefill kernels refuse (they need
-# head_dim / 16 >= 4 MMA tiles); the weights' spread is scaled by 1/sqrt(4) for the wider hidden
-# size, so logits spread about as the default model's do.  The draft is the target perturbed by 2%,
-# as conftest's PARTIAL_DRAFT is the default target's.  Other tests' models are unchanged.
-HEAD_DIM64_TARGET = {"arch": "llama", "seed": 0, "hidden_size": 256, "intermediate_size": 256, "init_std": 0.075}
+# For FlashInfer tests: a tiny llama at head_dim 64 (hidden 128 over 2 query heads, 1 KV head:
+# GQA group 2, which FlashInfer's FA2 prefill instantiates).  The default tiny models have head_dim
+# 16, which FA2's prefill kernels refuse (they need head_dim / 16 >= 4 MMA tiles).  Hidden 128 and
+# intermediate 128 keep each checkpoint ~1.7 MiB (hidden 256 made them 5.6 MiB, too much for the
+# GPU check's 64 MiB carry).  The weights' spread is the default 0.15 scaled by sqrt(64 / hidden)
+# (here 1/sqrt(2)), so logits spread about as the default model's do.  The draft is the target
+# perturbed by 2%, as conftest's PARTIAL_DRAFT is the default target's.  Other tests' models are
+# unchanged.
+HEAD_DIM64_TARGET = {"arch": "llama", "seed": 0, "hidden_size": 128, "num_heads": 2, "num_kv_heads": 1,
+                     "intermediate_size": 128, "init_std": 0.106}
 HEAD_DIM64_DRAFT = {**HEAD_DIM64_TARGET, "noise_std": 0.02, "noise_seed": 1}
 
 
