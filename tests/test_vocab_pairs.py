@@ -71,7 +71,10 @@ def models(tiny_model_factory, tmp_path_factory):
 # (target, draft) by name: the Qwen case (draft narrower) and its mirror (draft wider).
 PAIRS = {"draft-narrower": ("target_padded", "partial"), "draft-wider": ("target", "partial_padded")}
 VARIANTS = {"fixed": {}, "early-exit": {"early_exit": True},
-            "faser-frontier": {"policy": "faser", "frontier_size": 2}}
+            # A pinned GPU-like profile: with measured costs a tiny draft costs what the tiny
+            # target does, so the faser policy may rightly draft nothing and test nothing.
+            "faser-frontier": {"policy": "faser", "frontier_size": 2,
+                               "cost_profile": "target=30+0.01,draft=2+0.01"}}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
