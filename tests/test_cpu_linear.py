@@ -77,8 +77,15 @@ def test_packed_projections_and_lm_head_keep_greedy_output_unchanged(tiny_model_
     model = runner.model
     if model.lm_head is not None:
         assert model.logits_linear is model.lm_head
-        # early exit's lens reads rows of the head: a plain copy is made for it on request
-        assert torch.equal(model.plain_lm_head_weight(), model.lm_head.dense_weight())
+        # early exit's lens reads rows of the head: on request the head turns plain, still
+        # one copy, and the logits stay what they were
+        packed_head = model.lm_head
+        hidden = torch.randn(3, model.config.hidden_size)
+        before = model.compute_logits(hidden)
+        assert torch.equal(model.plain_lm_head_weight(), packed_head.dense_weight())
+        assert isinstance(model.lm_head, torch.nn.Linear) and model.logits_linear is model.lm_head
+        assert model.plain_lm_head_weight() is model.lm_head.weight
+        assert torch.allclose(model.compute_logits(hidden), before, rtol=1e-4, atol=1e-5)
     else:  # tied: the embedding matrix stays the one (plain) copy, F.linear serves the head
         assert model.logits_linear is None
         assert model.plain_lm_head_weight() is model.model.embed_tokens.weight

@@ -238,16 +238,19 @@ class CausalLM(nn.Module):
 
     def plain_lm_head_weight(self) -> torch.Tensor:
         """The LM head as a plain [vocab, hidden] matrix, for code that reads rows of it (early
-        exit's logit lens).  A packed LM head (executor.cpu_linear) keeps no plain copy, so
-        the first call makes one and keeps it: that costs a second copy of the head, paid only
-        by a model whose lens asks for it."""
+        exit's logit lens).  A packed LM head (executor.cpu_linear) cannot be read by row, so
+        the first call turns it back into a plain one: the head is kept once, in the form its
+        readers need (about 0.9 GB for a 1.5B model's untied head), and the logits go through
+        F.linear from then on."""
         if self.lm_head is None:
             return self.model.embed_tokens.weight
-        if isinstance(self.lm_head, nn.Linear):
-            return self.lm_head.weight
-        if getattr(self, "_plain_lm_head", None) is None:
-            self._plain_lm_head = self.lm_head.dense_weight()
-        return self._plain_lm_head
+        if not isinstance(self.lm_head, nn.Linear):
+            plain = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
+            plain.weight = nn.Parameter(self.lm_head.dense_weight(), requires_grad=False)
+            self.lm_head = plain  # the packed head goes with the module it belonged to
+            if self.logits_linear is not None:
+                self.logits_linear = plain
+        return self.lm_head.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head on the given rows ([L, hidden]) -> float32 [L, vocab]."""
