@@ -172,6 +172,9 @@ class SpeculativeGenerator:
     def _wanted_lengths(self, decodes: list[Request], step_tokens: int) -> list[int]:
         return self.policy.choose_lengths(decodes, step_tokens)
 
+    # Steps in which nobody drafts run as plain steps (_plain_step); False only for a benchmark
+    # of the former path (scripts/bench_plain_step.py), which accepted request by request.
+    PLAIN_STEPS = True
     MIN_CATCH_UP_TOKENS = 32
     # Whether decodes draft in a step that carries prefill chunks.  False (serving): the new
     # prompt's first token waits for no draft pass and no verification row.
@@ -233,7 +236,7 @@ class SpeculativeGenerator:
     def _run_step(self, chunks: list[ScheduledChunk], decodes: list[Request], lengths: list[int],
                   catch_up: dict[int, int]) -> dict[Request, list[int]] | None:
         """Draft, then verify every draft in one target pass (the serial step)."""
-        if not any(lengths) and not catch_up:
+        if not any(lengths) and not catch_up and self.PLAIN_STEPS:
             return self._plain_step(chunks)
         k_of = {id(r): k for r, k in zip(decodes, lengths)}
         try:
