@@ -91,4 +91,7 @@ def test_every_speculative_step_carries_its_prediction(tiny_model_factory, parti
     engine.generator._run_step = spy
     engine.run([engine.make_request(p, 8, temperature=0) for p in PROMPTS])
     assert seen and all(p is not None and p[0] > 0 and p[1] > 0 for _, p in seen)
-    assert all((p[0] > p[1]) == any(lengths) for lengths, p in seen)
+    # Without drafts the step as chosen is the step without drafts.  (With drafts no order is
+    # asserted: measured cost curves need not rise with the tokens.)
+    assert all(p[0] == p[1] for lengths, p in seen if not any(lengths))
+    assert any(any(lengths) for lengths, _ in seen)

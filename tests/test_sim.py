@@ -255,11 +255,11 @@ def test_server_records_acceptance_and_steps_the_simulator_reads(tiny_model_fact
         assert s["prefill_tokens"] + s["decodes"] <= targets[0][1] <= s["prefill_tokens"] + 4 * s["decodes"], s
         assert len(drafts) <= 3 and (s["decodes"] or not drafts), s
         assert s["wall"] >= sum(p[2] for p in s["passes"]) > 0, s
-        # The cost model's view of the step beside the measured one (issue 25): drafts cost.
+        # The cost model's view of the step beside the measured one (issue 25).  (No order
+        # between the two when drafts ran: a measured cost curve need not rise with the tokens,
+        # e.g. one noisy small pass; the records exist to show such errors.)
         assert s["predicted"] > 0 and s["predicted_no_draft"] > 0, s
-        if drafts:
-            assert s["predicted"] > s["predicted_no_draft"], s
-        else:
+        if not drafts:
             assert s["predicted"] == s["predicted_no_draft"], s
     assert any(s["gap"] is not None for s in done) and any(s["gap"] is None for s in done)
 
