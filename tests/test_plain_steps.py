@@ -82,6 +82,7 @@ def test_the_policy_predicts_the_step_it_chose():
 def test_every_speculative_step_carries_its_prediction(tiny_model_factory, partial_draft_path):
     target = tiny_model_factory("llama", seed=0)
     engine = Engine(target, partial_draft_path, k=2)
+    engine.generator.predict_steps = True  # as the scheduler sets it with metrics or step records
     seen = []
     real = engine.generator._run_step
 

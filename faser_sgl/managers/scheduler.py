@@ -214,6 +214,8 @@ class Scheduler:
 
             self.step_recorder = StepRecorder(options.record_steps)
             self.generator.on_pass = self.step_recorder.on_pass
+        if self.speculative and (self.metrics is not None or self.step_recorder is not None):
+            self.generator.predict_steps = True  # the step's predicted time, beside the measured
         self.gracefully_exit = False
         self.stats = {"num_generated_tokens": 0, "num_finished_requests": 0, "num_forward_steps": 0,
                       "num_aborted_requests": 0, "num_failed_requests": 0}

@@ -304,10 +304,13 @@ class AdaptiveLength:
         """Predicted seconds of a step that drafts ``lengths`` for ``reqs`` beside ``step_tokens``
         target tokens: the time the choice below weighs goodput against (so that the step
         records can show where this view of a step and the measured one differ)."""
-        plan = _StepPlan(self, [self.accept_rate(r) for r in reqs], max(step_tokens, len(reqs)),
-                         [self.catch_up_per_token(r) for r in reqs])
+        plan = self._plan(reqs, step_tokens)
         plan.reset(lengths)
         return plan.seconds
+
+    def _plan(self, reqs: list[Request], step_tokens: int) -> "_StepPlan":
+        return _StepPlan(self, [self.accept_rate(r) for r in reqs], max(step_tokens, len(reqs)),
+                         [self.catch_up_per_token(r) for r in reqs])
 
     # -- choice --------------------------------------------------------------------------------
     def choose_lengths(self, reqs: list[Request], step_tokens: int = 0) -> list[int]:
@@ -317,8 +320,7 @@ class AdaptiveLength:
             return []
         caps = [min(self.max_k, r.requested_draft_len) if r.requested_draft_len is not None else self.max_k
                 for r in reqs]
-        plan = _StepPlan(self, [self.accept_rate(r) for r in reqs], max(step_tokens, len(reqs)),
-                         [self.catch_up_per_token(r) for r in reqs])
+        plan = self._plan(reqs, step_tokens)
         # Start from the best uniform length: a draft pass has a fixed cost that one request's
         # gain rarely pays alone, so growing lengths one token at a time from zero would stop
         # short of a length that pays once every request drafts.

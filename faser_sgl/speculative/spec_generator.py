@@ -88,7 +88,10 @@ class SpeculativeGenerator:
         # A list to record every timed pass as (model, thread name, start, end), or None.
         self.trace: list[tuple[str, str, float, float]] | None = None
         self._plain_generator = None  # runs the steps in which nobody drafts (_plain_step)
-        # (predicted seconds of the last step as chosen, and with no drafts): _predict_step.
+        # (predicted seconds of the last step as chosen, and with no drafts): _predict_step,
+        # computed only while someone reads it (predict_steps: the scheduler's metrics or step
+        # records), since it prices the step twice more on every step.
+        self.predict_steps = False
         self.last_prediction: tuple[float, float] | None = None
         self.num_plain_steps = 0
 
@@ -217,7 +220,7 @@ class SpeculativeGenerator:
             lengths, catch_up = self._draft_lengths(decodes, step_tokens)
             if self.on_draft_lengths is not None and lengths:
                 self.on_draft_lengths(lengths)
-        self.last_prediction = self._predict_step(decodes, lengths, step_tokens)
+        self.last_prediction = self._predict_step(decodes, lengths, step_tokens) if self.predict_steps else None
         return self._run_step(chunks, decodes, lengths, catch_up)
 
     def _predict_step(self, decodes: list[Request], lengths: list[int], step_tokens: int) -> tuple[float, float]:
