@@ -3,7 +3,9 @@
 Each ``--setting NAME="SERVER ARGS"`` gets its own server (started, measured, stopped in turn),
 so a policy the server gains later is one more command-line value, with no change here.  Every
 setting sees the same prompts at the same arrival offsets: a Poisson sweep over
-``--request-rates`` and one bursty run (MMPP, or ``--trace``)."""
+``--request-rates`` and one bursty run (MMPP, or ``--trace``).  ``--repeats N`` runs all of them
+N times on each server (the same prompts and arrivals every time), so that the report can show
+how far a setting's runs spread, and settings a few percent apart can be told from noise."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import requests
 
-from faser_sgl.bench import report
+from faser_sgl.bench import report, report_costmodel
 from faser_sgl.bench.runner import run_workload
 from faser_sgl.bench.server_process import Server, start_server
 from faser_sgl.bench.workloads import build_workloads, load_prompts
@@ -57,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--label", default="server", help="the setting's name with --base-url")
     g.add_argument("--baseline", help="setting the ratios are taken against (default: the first)")
     g.add_argument("--server-timeout", type=float, default=900.0)
+    g.add_argument("--record-steps", action="store_true",
+                   help="start each server with --faser-record-steps OUTPUT_DIR/steps/<setting>.jsonl and "
+                        "report its cost model's predicted against measured step time")
     g = p.add_argument_group("traffic")
     g.add_argument("--request-rates", type=_rates, default=_rates("0.05,0.1,0.2,0.4"),
                    help="Poisson sweep, requests/s, comma-separated")
@@ -81,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--ignore-eos", action="store_true", help="always generate --output-len tokens")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--repeats", type=int, default=1,
+                   help="run every workload this many times per server (repeat 0 of all workloads, then "
+                        "repeat 1, ...), with the same prompts and arrivals; the report shows their mean "
+                        "and spread")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", type=Path, default=None,
                    help="results.json, results.csv, PNGs and server logs (default bench_results/<time>)")
@@ -103,6 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.baseline = args.baseline or names[0]
     if args.baseline not in names:
         p.error(f"--baseline {args.baseline!r} is not one of {names}")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    if args.record_steps and args.base_url:
+        p.error("--record-steps needs servers the harness starts (not --base-url)")
     if args.num_prompts < 1 or args.output_len < 1 or args.bursty_num_prompts < 0:
         p.error("--num-prompts and --output-len must be >= 1, --bursty-num-prompts >= 0")
     if args.trace_time_scale <= 0 or not 0 < args.trace_sample <= 1:
@@ -145,10 +158,24 @@ def _tokenizer_for(base_url: str):
     return AutoTokenizer.from_pretrained(info["tokenizer_path"] or info["model_path"])
 
 
+def server_command(server_args: str, name: str, out_dir: Path, record_steps: bool) -> list[str]:
+    """A setting's server arguments, plus its step file with ``record_steps``.  The recorder
+    appends, so a file left by an earlier run into the same directory is removed first: the
+    report must describe this run's steps only."""
+    argv = shlex.split(server_args)
+    if record_steps:
+        path = report_costmodel.steps_path(out_dir, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        argv += ["--faser-record-steps", str(path)]
+    return argv
+
+
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Path]:
     out_dir: Path = args.output_dir
     if args.report_only:
         meta, results = report.read_json(out_dir / "results.json")
+        meta = report_costmodel.refresh(meta, out_dir)  # step files win over the stored summary
         return report.write_all(out_dir, args.report, meta, results)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -158,7 +185,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Pa
                      for name, extra in args.setting},
         "baseline": args.baseline, "dataset": args.dataset, "max_prompt_len": args.max_prompt_len,
         "output_len": args.output_len, "temperature": args.temperature,
-        "ignore_eos": args.ignore_eos, "seed": args.seed,
+        "ignore_eos": args.ignore_eos, "seed": args.seed, "repeats": args.repeats,
     }
     results: list[dict] = []
     workloads = None
@@ -167,27 +194,37 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Pa
             server = Server(args.base_url.rstrip("/"), None, None)
         else:
             print(f"[bench] starting server for {name}: {server_args}", flush=True)
-            server = start_server(shlex.split(server_args), out_dir / "logs" / name, args.server_timeout)
+            server = start_server(server_command(server_args, name, out_dir, args.record_steps),
+                                  out_dir / "logs" / name, args.server_timeout)
         try:
             if workloads is None:
                 tokenizer = _tokenizer_for(server.base_url)
                 prompts, lens = load_prompts(args.dataset, tokenizer, args.max_prompt_len)
                 meta["num_prompt_pool"] = len(prompts)
                 workloads = build_workloads(args, prompts, lens)
-            for workload in workloads:
-                server.wait_kv_free(timeout=120)
-                label = f"{name} {workload.name} {workload.rate:.3g} req/s"
-                started = time.monotonic()
-                record = run_workload(server.base_url, workload, tokenizer, args.temperature,
-                                      args.ignore_eos, not args.no_progress, label)
-                results.append({"setting": name, **record})
-                m = record["metrics"]
-                print(f"[bench] {label}: {int(m['completed'])}/{workload.num_requests} done in "
-                      f"{time.monotonic() - started:.0f}s, {m['output_throughput']:.2f} tok/s, "
-                      f"mean e2e {m['mean_e2e_latency_ms'] / 1e3:.2f}s", flush=True)
-                report.write_json(out_dir / "results.json", meta, results)  # survive a crash
+            # All workloads once, then again: a slow drift of the machine (heat, a neighbour's
+            # load) then spreads over every workload instead of biasing the last repeats of one.
+            for repeat in range(args.repeats):
+                for workload in workloads:
+                    server.wait_kv_free(timeout=120)
+                    label = f"{name} {workload.name} {workload.rate:.3g} req/s"
+                    if args.repeats > 1:
+                        label += f" (repeat {repeat} of 0-{args.repeats - 1})"
+                    started = time.monotonic()
+                    record = run_workload(server.base_url, workload, tokenizer, args.temperature,
+                                          args.ignore_eos, not args.no_progress, label)
+                    results.append({"setting": name, "repeat": repeat, **record})
+                    m = record["metrics"]
+                    print(f"[bench] {label}: {int(m['completed'])}/{workload.num_requests} done in "
+                          f"{time.monotonic() - started:.0f}s, {m['output_throughput']:.2f} tok/s, "
+                          f"mean e2e {m['mean_e2e_latency_ms'] / 1e3:.2f}s", flush=True)
+                    report.write_json(out_dir / "results.json", meta, results)  # survive a crash
         finally:
             server.stop()
+    if args.record_steps:
+        # Read once every server has stopped and closed its file; the summary goes into
+        # results.json so that --report-only can rebuild the section without the step files.
+        meta["prediction_error"] = report_costmodel.summarize_settings(out_dir, list(meta["settings"]))
     return report.write_all(out_dir, args.report, meta, results)
 
 

@@ -1,5 +1,10 @@
 """Turn the harness's result records into results.json, results.csv, PNG plots and a markdown
-report that states every setting's gains as ratios against the baseline at each load."""
+report that states every setting's gains as ratios against the baseline at each load.
+
+results.json and results.csv keep one record per run (``repeat`` tells the runs of a workload
+apart; records written before --repeats have none and count as repeat 0).  The tables and plots
+show each (setting, workload, rate)'s mean over its repeats, with the spread of the runs beside
+the means a comparison rests on."""
 
 from __future__ import annotations
 
@@ -12,6 +17,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from faser_sgl.bench import report_costmodel  # noqa: E402
 
 # (CSV column, key of sglang's BenchmarkMetrics); its latencies are in ms.
 CSV_COLUMNS = [
@@ -30,6 +38,10 @@ SWEEP_PANELS = [  # (title, mean key, p99 key or None, y label, scale of the sto
 ]
 
 
+# The metrics whose spread over repeats the tables show and the sweep plot draws as bars.
+SPREAD_KEYS = ("output_throughput", "mean_e2e_latency_ms")
+
+
 def write_json(path: Path, meta: dict, results: list[dict]) -> None:
     path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
 
@@ -42,11 +54,11 @@ def read_json(path: Path) -> tuple[dict, list[dict]]:
 def write_csv(path: Path, results: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["setting", "workload", "offered_rate", "num_requests", "failed", "duration_s",
+        writer.writerow(["setting", "workload", "offered_rate", "repeat", "num_requests", "failed", "duration_s",
                          *[c for c, _ in CSV_COLUMNS], "spec_drafted_tokens",
                          "spec_accepted_tokens", "spec_accept_rate", "spec_accept_length"])
         for r in results:
-            writer.writerow([r["setting"], r["workload"], f"{r['rate']:.4f}", r["num_requests"],
+            writer.writerow([r["setting"], r["workload"], f"{r['rate']:.4f}", repeat_of(r), r["num_requests"],
                              r["failed"], f"{r['duration_s']:.2f}",
                              *[f"{r['metrics'][k]:.3f}" for _, k in CSV_COLUMNS],
                              r["spec"]["spec_drafted_tokens"], r["spec"]["spec_accepted_tokens"],
@@ -61,33 +73,86 @@ def accept_length(spec: dict) -> float | None:
     return (spec["spec_accepted_tokens"] + steps) / steps if steps else None
 
 
+def repeat_of(record: dict) -> int:
+    return record.get("repeat", 0)
+
+
+def aggregate(results: list[dict]) -> list[dict]:
+    """One row per (setting, workload, rate), in the order first seen: every metric the mean over
+    its runs, the speculation counters summed (so the accept rate is pooled over the runs), the
+    min and max of SPREAD_KEYS, and the runs themselves (by repeat) for the text comparison."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["setting"], r["workload"], r["rate"]), []).append(r)
+    rows = []
+    for (setting, workload, rate), runs in groups.items():
+        runs = sorted(runs, key=repeat_of)
+        metrics = {k: float(np.mean([r["metrics"][k] for r in runs])) for k in runs[0]["metrics"]}
+        counters = [k for k in runs[0]["spec"] if k != "accept_rate"]
+        spec = {k: sum(r["spec"].get(k) or 0 for r in runs) for k in counters}
+        drafted = spec.get("spec_drafted_tokens")
+        spec["accept_rate"] = spec["spec_accepted_tokens"] / drafted if drafted else None
+        rows.append({
+            "setting": setting, "workload": workload, "rate": rate, "runs": runs,
+            "num_requests": runs[0]["num_requests"], "detail": runs[0]["detail"],
+            "completed": sum(int(r["metrics"]["completed"]) for r in runs),
+            "requested": sum(r["num_requests"] for r in runs),
+            "metrics": metrics, "spec": spec,
+            "spread": {k: (min(r["metrics"][k] for r in runs), max(r["metrics"][k] for r in runs))
+                       for k in SPREAD_KEYS},
+        })
+    return rows
+
+
+def num_repeats(meta: dict, results: list[dict]) -> int:
+    return meta.get("repeats") or max((repeat_of(r) + 1 for r in results), default=1)
+
+
+def spread(row: dict, key: str, scale: float = 1.0, spec: str = ".2f") -> str:
+    """'min-max (relative spread %)' of a metric over the row's runs; '-' for a single run."""
+    if len(row["runs"]) < 2:
+        return "-"
+    lo, hi = row["spread"][key]
+    mean = row["metrics"][key]
+    rel = f" ({(hi - lo) / mean * 100:.1f}%)" if mean else ""
+    return f"{lo * scale:{spec}}-{hi * scale:{spec}}{rel}"
+
+
 def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
-def _by_setting(results: list[dict], workload: str) -> dict[str, list[dict]]:
+def _by_setting(rows: list[dict], workload: str) -> dict[str, list[dict]]:
+    """Aggregated rows of one workload by setting, each setting's by rate."""
     out: dict[str, list[dict]] = {}
-    for r in results:
+    for r in rows:
         if r["workload"] == workload:
             out.setdefault(r["setting"], []).append(r)
-    for rows in out.values():
-        rows.sort(key=lambda r: r["rate"])
+    for series in out.values():
+        series.sort(key=lambda r: r["rate"])
     return out
 
 
-def plot_sweep(path: Path, results: list[dict]) -> bool:
-    series = _by_setting(results, "poisson")
+def plot_sweep(path: Path, rows: list[dict]) -> bool:
+    """The Poisson sweep's means by offered load; bars span the runs' min-max where repeated."""
+    series = _by_setting(rows, "poisson")
     if not series:
         return False
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for ax, (title, mean_key, p99_key, ylabel, scale) in zip(axes.flat, SWEEP_PANELS):
-        for i, (name, rows) in enumerate(series.items()):
+        for i, (name, points) in enumerate(series.items()):
             color = f"C{i}"
-            rates = [r["rate"] for r in rows]
-            ax.plot(rates, [r["metrics"][mean_key] * scale for r in rows], "o-", color=color,
-                    label=f"{name} mean" if p99_key else name)
+            rates = [r["rate"] for r in points]
+            means = np.array([r["metrics"][mean_key] * scale for r in points])
+            yerr = None
+            if mean_key in SPREAD_KEYS and any(len(r["runs"]) > 1 for r in points):
+                lo = np.array([r["spread"][mean_key][0] * scale for r in points])
+                hi = np.array([r["spread"][mean_key][1] * scale for r in points])
+                yerr = [means - lo, hi - means]
+            ax.errorbar(rates, means, yerr=yerr, fmt="o-", color=color, capsize=3,
+                        label=f"{name} mean" if p99_key else name)
             if p99_key:
-                ax.plot(rates, [r["metrics"][p99_key] * scale for r in rows], "s--", color=color,
+                ax.plot(rates, [r["metrics"][p99_key] * scale for r in points], "s--", color=color,
                         alpha=0.7, label=f"{name} p99")
         ax.set_title(title)
         ax.set_xlabel("offered load (requests / s, Poisson)")
@@ -100,15 +165,27 @@ def plot_sweep(path: Path, results: list[dict]) -> bool:
     return True
 
 
-def plot_bursty(path: Path, results: list[dict]) -> str | None:
+def _mean_latency_by_request(runs: list[dict]) -> tuple[list[float], list[float]]:
+    """(arrival, mean latency over the runs it succeeded in) per request: the arrivals are the
+    same in every run, so request i of each run is the same request."""
+    xs, ys = [], []
+    for i, request in enumerate(runs[0]["requests"]):
+        done = [run["requests"][i]["latency_s"] for run in runs if run["requests"][i]["success"]]
+        if done:
+            xs.append(request["arrival_s"])
+            ys.append(float(np.mean(done)))
+    return xs, ys
+
+
+def plot_bursty(path: Path, rows: list[dict]) -> str | None:
     """The arrival rate over time and each request's latency by arrival time, per setting."""
-    workload = next((w for w in ("bursty", "trace") if _by_setting(results, w)), None)
+    workload = next((w for w in ("bursty", "trace") if _by_setting(rows, w)), None)
     if workload is None:
         return None
-    series = _by_setting(results, workload)
+    series = _by_setting(rows, workload)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
     first = next(iter(series.values()))[0]
-    arrivals = [q["arrival_s"] for q in first["requests"]]
+    arrivals = [q["arrival_s"] for q in first["runs"][0]["requests"]]
     periods = first["detail"].get("periods")
     if periods:
         xs, ys = [], []
@@ -120,10 +197,11 @@ def plot_bursty(path: Path, results: list[dict]) -> str | None:
     top.set_ylabel("offered requests / s")
     top.set_title(f"{workload} arrivals")
     top.legend(fontsize=7)
-    for i, (name, rows) in enumerate(series.items()):
-        reqs = [q for q in rows[0]["requests"] if q["success"]]
-        bottom.plot([q["arrival_s"] for q in reqs], [q["latency_s"] for q in reqs], "o-",
-                    color=f"C{i}", label=name, markersize=3)
+    for i, (name, points) in enumerate(series.items()):
+        runs = points[0]["runs"]
+        xs, ys = _mean_latency_by_request(runs)
+        label = name if len(runs) == 1 else f"{name} (mean of {len(runs)} runs)"
+        bottom.plot(xs, ys, "o-", color=f"C{i}", label=label, markersize=3)
     bottom.set_xlabel("arrival time (s)")
     bottom.set_ylabel("end-to-end latency (s)")
     bottom.grid(alpha=0.3)
@@ -135,9 +213,16 @@ def plot_bursty(path: Path, results: list[dict]) -> str | None:
 
 
 def _identical(row: dict, base: dict | None) -> str:
-    if base is None or row is base:
+    """Successful requests whose text equals the baseline's repeat 0, over all of the row's runs
+    (for the baseline itself: its later repeats against its first)."""
+    if base is None:
         return "-"
-    pairs = [(a, b) for a, b in zip(row["requests"], base["requests"]) if a["success"] and b["success"]]
+    reference = base["runs"][0]
+    runs = row["runs"][1:] if row is base else row["runs"]
+    if not runs:
+        return "-"
+    pairs = [(a, b) for run in runs for a, b in zip(run["requests"], reference["requests"])
+             if a["success"] and b["success"]]
     return f"{sum(a['text'] == b['text'] for a, b in pairs)}/{len(pairs)}"
 
 
@@ -147,39 +232,52 @@ def _ratio(value: float, base: float, higher_is_better: bool) -> str:
     return f"{(value / base) if higher_is_better else (base / value):.2f}x"
 
 
-def _table(rows: list[dict], baseline: dict[tuple, dict], greedy: bool) -> list[str]:
-    lines = ["| setting | load (req/s) | done | out tok/s | tput vs base | mean e2e (s) | e2e vs base "
-             "| p99 e2e (s) | p99 vs base | mean TTFT (s) | TTFT vs base | p99 TTFT (s) | mean TPOT (ms) "
-             "| accept rate | mean accept len | same text as base |",
-             "|" + "---|" * 16]
-    for r in rows:
+def _table(rows: list[dict], baseline: dict[tuple, dict], greedy: bool, spreads: bool) -> list[str]:
+    """Aggregated rows as a markdown table; with ``spreads``, the min-max of the runs beside the
+    throughput and mean latency ratios."""
+    def cells(r: dict) -> list[tuple[str, str]]:
         m = r["metrics"]
         base = baseline.get((r["workload"], r["rate"]))
         bm = base["metrics"] if base else {}
         spec = r["spec"]
-        lines.append(
-            f"| {r['setting']} | {r['rate']:.3g} | {int(m['completed'])}/{r['num_requests']} "
-            f"| {m['output_throughput']:.2f} | {_ratio(m['output_throughput'], bm.get('output_throughput'), True)} "
-            f"| {m['mean_e2e_latency_ms'] / 1e3:.2f} | {_ratio(m['mean_e2e_latency_ms'], bm.get('mean_e2e_latency_ms'), False)} "
-            f"| {m['p99_e2e_latency_ms'] / 1e3:.2f} | {_ratio(m['p99_e2e_latency_ms'], bm.get('p99_e2e_latency_ms'), False)} "
-            f"| {m['mean_ttft_ms'] / 1e3:.2f} | {_ratio(m['mean_ttft_ms'], bm.get('mean_ttft_ms'), False)} "
-            f"| {m['p99_ttft_ms'] / 1e3:.2f} | {m['mean_tpot_ms']:.0f} "
-            f"| {_fmt(spec['accept_rate'], '.2f')} | {_fmt(accept_length(spec), '.2f')} "
-            f"| {_identical(r, base) if greedy else 'n/a (sampling)'} |")
-    return lines
+        cols = [
+            ("setting", r["setting"]), ("load (req/s)", f"{r['rate']:.3g}"),
+            ("done", f"{r['completed']}/{r['requested']}"),
+            ("out tok/s", f"{m['output_throughput']:.2f}"),
+            ("tput vs base", _ratio(m["output_throughput"], bm.get("output_throughput"), True)),
+            ("tput spread", spread(r, "output_throughput")),
+            ("mean e2e (s)", f"{m['mean_e2e_latency_ms'] / 1e3:.2f}"),
+            ("e2e vs base", _ratio(m["mean_e2e_latency_ms"], bm.get("mean_e2e_latency_ms"), False)),
+            ("e2e spread (s)", spread(r, "mean_e2e_latency_ms", 1e-3)),
+            ("p99 e2e (s)", f"{m['p99_e2e_latency_ms'] / 1e3:.2f}"),
+            ("p99 vs base", _ratio(m["p99_e2e_latency_ms"], bm.get("p99_e2e_latency_ms"), False)),
+            ("mean TTFT (s)", f"{m['mean_ttft_ms'] / 1e3:.2f}"),
+            ("TTFT vs base", _ratio(m["mean_ttft_ms"], bm.get("mean_ttft_ms"), False)),
+            ("p99 TTFT (s)", f"{m['p99_ttft_ms'] / 1e3:.2f}"), ("mean TPOT (ms)", f"{m['mean_tpot_ms']:.0f}"),
+            ("accept rate", _fmt(spec["accept_rate"], ".2f")),
+            ("mean accept len", _fmt(accept_length(spec), ".2f")),
+            ("same text as base", _identical(r, base) if greedy else "n/a (sampling)"),
+        ]
+        return [c for c in cols if spreads or "spread" not in c[0]]
+
+    table = [cells(r) for r in rows]
+    header = [name for name, _ in table[0]]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *["| " + " | ".join(value for _, value in row) + " |" for row in table]]
 
 
 def headline(results: list[dict], baseline_name: str) -> list[str]:
     """One line per non-baseline setting and workload: its throughput and mean-latency ratios
-    against the baseline at the lowest and the highest load."""
-    base = {(r["workload"], r["rate"]): r for r in results if r["setting"] == baseline_name}
+    (of the means over repeats) against the baseline at the lowest and the highest load."""
+    rows = aggregate(results)
+    base = {(r["workload"], r["rate"]): r for r in rows if r["setting"] == baseline_name}
     lines = []
     for workload in ("poisson", "bursty", "trace"):
-        for name, rows in _by_setting(results, workload).items():
+        for name, points in _by_setting(rows, workload).items():
             if name == baseline_name:
                 continue
             parts = []
-            for r in ([rows[0], rows[-1]] if len(rows) > 1 else rows):
+            for r in ([points[0], points[-1]] if len(points) > 1 else points):
                 b = base.get((workload, r["rate"]))
                 if b is None:
                     continue
@@ -193,12 +291,27 @@ def headline(results: list[dict], baseline_name: str) -> list[str]:
                 lines.append(f"- **{name}** vs {baseline_name}, {workload}: " + "; ".join(parts) + ".")
     if lines:
         lines.append("- (Latency ratios are baseline / setting: above 1.00x the setting answers faster.)")
+        repeats = max(len(r["runs"]) for r in rows)
+        if repeats > 1:
+            lines.append(f"- (Ratios of the means over {repeats} repeats; the tables give each mean's spread.)")
     return lines
+
+
+def _repeats_text(repeats: int) -> str:
+    if repeats == 1:
+        return ("- Each workload ran once per setting; prompts and arrival times are identical "
+                "across settings.")
+    return (f"- Repeats: every workload ran {repeats} times on each setting's server (all workloads "
+            "once, then again), with identical prompts and arrival times across repeats and "
+            "settings. The tables show the mean over the repeats and ratios of those means; a "
+            "spread column gives the runs' min-max and (max - min) / mean.")
 
 
 def write_markdown(path: Path, meta: dict, results: list[dict], images: dict[str, Path]) -> None:
     baseline_name = meta["baseline"]
-    base = {(r["workload"], r["rate"]): r for r in results if r["setting"] == baseline_name}
+    rows = aggregate(results)
+    repeats = num_repeats(meta, results)
+    base = {(r["workload"], r["rate"]): r for r in rows if r["setting"] == baseline_name}
     greedy = meta["temperature"] == 0
     rel = {k: os.path.relpath(v, path.parent) for k, v in images.items()}
     out = [
@@ -212,11 +325,14 @@ def write_markdown(path: Path, meta: dict, results: list[dict], images: dict[str
         f"- Prompts: {meta['dataset']} ({meta['num_prompt_pool']} prompts of at most "
         f"{meta['max_prompt_len']} tokens), up to {meta['output_len']} new tokens each, "
         f"temperature {meta['temperature']}, EOS {'ignored' if meta['ignore_eos'] else 'honoured'}.",
+        _repeats_text(repeats),
         f"- Baseline for every ratio: `{baseline_name}`. Throughput ratio = setting / baseline; "
         "latency ratio = baseline / setting, so above 1.00x the setting is better either way.",
         "- Accept rate = accepted / drafted tokens; mean accept len = tokens emitted per "
         "verification pass (accepted drafts + the target's own), both from the server's counters "
-        "over the run; same text as base = outputs identical to the baseline's.",
+        "over the run" + ("s" if repeats > 1 else "") + "; same text as base = outputs identical to the "
+        "baseline's" + (" first run, counted over all runs (the baseline's own row: its later runs)"
+                        if repeats > 1 else "") + ".",
         "",
         "## Settings (server arguments)",
         "",
@@ -230,25 +346,28 @@ def write_markdown(path: Path, meta: dict, results: list[dict], images: dict[str
     ]
     for workload, title in (("poisson", "Poisson sweep"), ("bursty", "Bursty traffic (MMPP)"),
                             ("trace", "Recorded trace")):
-        rows = sorted((r for r in results if r["workload"] == workload),
-                      key=lambda r: (r["rate"], list(meta["settings"]).index(r["setting"])))
-        if not rows:
+        table_rows = sorted((r for r in rows if r["workload"] == workload),
+                            key=lambda r: (r["rate"], list(meta["settings"]).index(r["setting"])))
+        if not table_rows:
             continue
         out += ["", f"## {title}", ""]
-        detail = rows[0]["detail"]
+        detail = table_rows[0]["detail"]
         if workload == "poisson":
-            out.append(f"{rows[0]['num_requests']} requests per load; exponential gaps at each rate.")
+            out.append(f"{table_rows[0]['num_requests']} requests per load; exponential gaps at each rate.")
         elif workload == "bursty":
             out.append(
-                f"{rows[0]['num_requests']} requests from a two-state Markov-modulated Poisson process: "
+                f"{table_rows[0]['num_requests']} requests from a two-state Markov-modulated Poisson process: "
                 f"trough {detail['trough_rate']} req/s, peak {detail['peak_ratio']}x that, exponential "
                 f"dwell with mean {detail['mean_dwell_s']} s per state; the load column is the "
                 "mean offered rate over the run.")
         else:
             out.append(f"Arrivals replayed from `{detail['trace']}`.")
-        out += ["", *_table(rows, base, greedy)]
+        if repeats > 1:
+            out[-1] += f" Done = completed / sent over all {repeats} repeats."
+        out += ["", *_table(table_rows, base, greedy, repeats > 1)]
         if workload in rel:
             out += ["", f"![{title}]({rel[workload]})"]
+    out += report_costmodel.markdown(meta)
     out += ["", "## Files", "", "- " + ", ".join(f"`{os.path.relpath(p, path.parent)}`"
                                                    for p in meta["files"]), ""]
     path.write_text("\n".join(out))
@@ -258,10 +377,11 @@ def write_all(output_dir: Path, report_path: Path, meta: dict, results: list[dic
     """Write every artefact; return their paths by kind."""
     output_dir.mkdir(parents=True, exist_ok=True)
     files = {"json": output_dir / "results.json", "csv": output_dir / "results.csv"}
+    rows = aggregate(results)
     images: dict[str, Path] = {}
-    if plot_sweep(output_dir / "poisson_sweep.png", results):
+    if plot_sweep(output_dir / "poisson_sweep.png", rows):
         images["poisson"] = output_dir / "poisson_sweep.png"
-    bursty_kind = plot_bursty(output_dir / "bursty.png", results)
+    bursty_kind = plot_bursty(output_dir / "bursty.png", rows)
     if bursty_kind:
         images[bursty_kind] = output_dir / "bursty.png"
     meta = {**meta, "files": [str(p) for p in [*files.values(), *images.values()]]}
