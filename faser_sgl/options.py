@@ -20,8 +20,9 @@ ENV_VAR = "FASER_SGL_OPTIONS"
 class FaserOptions:
     # Attention implementation of our executor: "torch" (CPU reference) or "flashinfer" (CUDA).
     attention_backend: str = "torch"
-    # Executor dtype; "auto" = bfloat16 on CUDA, float32 on CPU (float32 keeps greedy output
-    # identical to a float32 reference, which the tests check).
+    # Executor dtype; "auto" = bfloat16 on CUDA; on a CPU bfloat16 where it multiplies bf16
+    # natively (AMX, AVX-512 BF16) and start-up timing confirms it is faster, else float32
+    # (executor/cpu_dtype.py).  float32 keeps greedy output identical to a float32 reference.
     dtype: str = "auto"
     # KV slots of the pool on a CPU when --max-total-tokens is not given (a GPU sizes its pool
     # from the memory left after loading the weights).
@@ -111,7 +112,10 @@ class FaserOptions:
         group.add_argument("--faser-attention-backend", choices=["torch", "flashinfer"], default="torch",
                            help="attention implementation of faser_sgl's executor")
         group.add_argument("--faser-dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                           default="auto", help="executor dtype (auto: bf16 on CUDA, fp32 on CPU)")
+                           default="auto", help="executor dtype (auto: bf16 on CUDA; on a CPU bf16 where its flags "
+                                "(amx_bf16, avx512_bf16) and a start-up timing say bf16 products are "
+                                "native and faster, else float32, which keeps greedy output identical "
+                                "to a float32 reference)")
         group.add_argument("--faser-max-step-tokens", type=int, default=FaserOptions.max_step_tokens,
                            help="token budget of one forward pass (prefill chunks + decodes)")
         group.add_argument("--faser-cpu-linear", choices=["auto", "off"], default=FaserOptions.cpu_linear,

@@ -11,6 +11,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Greedy-identity checks compare against a float32 reference: "--faser-dtype auto" stays float32
+# here even on CPUs where it would pick bfloat16 (executor/cpu_dtype.py); servers inherit this.
+os.environ.setdefault("FASER_SGL_CPU_DTYPE", "float32")
 
 from tiny_model import get_tiny_model  # noqa: E402
 

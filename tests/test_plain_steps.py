@@ -96,3 +96,41 @@ def test_every_speculative_step_carries_its_prediction(tiny_model_factory, parti
     # asserted: measured cost curves need not rise with the tokens.)
     assert all(p[0] == p[1] for lengths, p in seen if not any(lengths))
     assert any(any(lengths) for lengths, _ in seen)
+
+
+def test_the_prediction_adds_the_measured_overhead_outside_the_passes():
+    """What a step costs besides its passes (sampling, accepting, outputs) is measured per step
+    and added to every prediction, with or without drafts; a step's measured overhead is its
+    wall time less the passes timed in it."""
+    from faser_sgl.speculative.policy import make_policy
+    from test_adaptive_policy import make_req
+
+    policy = make_policy("adaptive", 4, "target=30+0.01,draft=2+0.01")
+    reqs = [make_req("a"), make_req("b")]
+    for r in reqs:
+        r.kv_slots, r.draft_cached = [0, 1, 2], 3
+    without = policy.predict_step(reqs, [2, 1], 2), policy.predict_step(reqs, [0, 0], 2)
+    policy.observe_step_overhead(2, 0.004)
+    assert policy.step_overhead(2) == pytest.approx(0.004)
+    assert policy.predict_step(reqs, [2, 1], 2) == pytest.approx(without[0] + 0.004)
+    assert policy.predict_step(reqs, [0, 0], 2) == pytest.approx(without[1] + 0.004)
+
+
+def test_the_generator_measures_overhead_as_wall_time_less_its_passes(tiny_model_factory, partial_draft_path):
+    target = tiny_model_factory("llama", seed=0)
+    engine = Engine(target, partial_draft_path, k=2, policy="adaptive")
+    gen = engine.generator
+    passes = []
+    real_step = gen.generate
+
+    def step(chunks):
+        out = real_step(chunks)
+        passes.append(gen._step_pass_s)
+        gen.observe_step(len(chunks), gen._step_pass_s + 0.003)  # 3 ms outside the passes
+        return out
+    gen.generate = step
+    engine.run([engine.make_request(p, 6, temperature=0) for p in PROMPTS])
+    assert passes and all(s > 0 for s in passes)  # every step timed its passes
+    assert gen.overhead_cost.measured
+    assert gen.overhead_cost.predict(len(PROMPTS)) == pytest.approx(0.003, rel=1e-6)
+    assert gen.policy.step_overhead(len(PROMPTS)) == pytest.approx(0.003, rel=1e-6)

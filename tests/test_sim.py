@@ -296,3 +296,39 @@ def test_a_setting_can_have_its_own_cost_profile(tmp_path):
     assert set(meta["simulation"]["cost_profile_for"]) == {"b"}
     with pytest.raises(SystemExit, match="SETTING=PROFILE"):
         cli.main([*base, "--cost-profile-for", "c=target=1+1,draft=1+1", "--output-dir", str(tmp_path / "x")])
+
+
+# -- (7) the cost model predicts the steps it chooses -----------------------------------------
+def test_each_steps_prediction_is_its_time_on_the_profile_the_policy_is_pinned_to():
+    """Issue 25, item 1: priced on the very profile the simulator charges, the adaptive policy's
+    prediction of every step it runs is that step's time, catch-up passes over new prompts
+    included (they used to enter the prediction spread over the request's coming tokens, so a
+    step that fed a 128-token catch-up was predicted a fraction of its time)."""
+    profile = "target=30+0.5,draft=10+0.2"
+    server = _server(f"--speculative-policy adaptive --speculative-num-draft-tokens 4 "
+                     f"--speculative-cost-profile {profile}", profile, "bernoulli:0.8")
+    gen = server.generator
+    gen.predict_steps = True  # as the server sets it with metrics or step records
+    steps, passes = [], []
+    observe = gen._observe_pass
+
+    def observe_and_keep(model, tokens, seconds):
+        passes.append((model, tokens))
+        observe(model, tokens, seconds)
+    gen._observe_pass = observe_and_keep
+    real = gen.generate
+
+    def timed(chunks):
+        start, first_pass = server.clock.now, len(passes)
+        out = real(chunks)
+        if out is not None:
+            steps.append((gen.last_prediction[0], server.clock.now - start, passes[first_pass:]))
+        return out
+    gen.generate = timed
+    wl = SimWorkload("poisson", 1.0, [0.0, 0.3, 0.6, 2.0], [200, 300, 120, 400], [40] * 4)
+    server.run(wl, 0)
+    assert len(steps) > 20
+    for predicted, measured, _ in steps:
+        assert predicted == pytest.approx(measured, rel=1e-9, abs=1e-12)
+    # The steps above include catch-ups: draft passes feeding more tokens than requests.
+    assert any(model == "draft" and tokens > 4 for *_, ps in steps for model, tokens in ps)

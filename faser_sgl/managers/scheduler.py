@@ -64,7 +64,11 @@ def unsupported_feature(msg) -> str | None:
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if is_cuda(device) else torch.float32
+        if is_cuda(device):
+            return torch.bfloat16
+        from faser_sgl.executor.cpu_dtype import resolve_auto_cpu_dtype
+
+        return resolve_auto_cpu_dtype()  # bf16 where this CPU has it natively and it measures faster
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -483,6 +487,9 @@ class Scheduler:
         self._update_throughput()
         # The cost model's prediction of the step it chose, beside the measured time.
         prediction = getattr(self.generator, "last_prediction", None)
+        observe_step = getattr(self.generator, "observe_step", None)
+        if observe_step is not None:  # the step's overhead outside its passes, for the cost model
+            observe_step(len(chunks), time.perf_counter() - started)
         if self.metrics is not None:
             self._observe_step(chunks, verify_before, generated_before, finished_before)
             if prediction is not None:

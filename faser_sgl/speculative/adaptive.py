@@ -174,6 +174,7 @@ class AdaptiveLength:
         # prune moves the yield by PRUNE_SMOOTHING instead of setting it to zero.
         self._row_reached = [1.0] * (self.max_k + 2)
         self._row_lost = [0.0] * (self.max_k + 2)
+        self._overhead = CostCurve(0.0, 0.0)  # seconds outside the passes, by requests in the step
 
     # -- feedback ------------------------------------------------------------------------------
     # The estimate is successes / trials over the request's decayed counts.  A new request starts
@@ -300,13 +301,39 @@ class AdaptiveLength:
         remaining = max(1, req.stop.max_new_tokens - len(req.output_ids))
         return max(0.0, extra) / remaining
 
-    def predict_step(self, reqs: list[Request], lengths: list[int], step_tokens: int = 0) -> float:
+    def predict_step(self, reqs: list[Request], lengths: list[int], step_tokens: int = 0,
+                     pass0_tokens: int | None = None) -> float:
         """Predicted seconds of a step that drafts ``lengths`` for ``reqs`` beside ``step_tokens``
-        target tokens: the time the choice below weighs goodput against (so that the step
-        records can show where this view of a step and the measured one differ)."""
+        target tokens, priced as the passes it runs (so that the step records show where this
+        view of a step and the measured one differ): the target pass, draft pass 0 over
+        everything it feeds (``pass0_tokens``: each drafting request's unseen tokens plus the
+        chunks fed to requests that only catch up; None: computed from the requests as they are
+        before their draft slots are added), one draft pass per further position, and the
+        step's measured overhead outside the passes.  The choice weighs the same passes, except
+        that it spreads a catch-up over the request's coming tokens (``catch_up_per_token``):
+        it is paid once and serves every later drafting step."""
         plan = self._plan(reqs, step_tokens)
         plan.reset(lengths)
-        return plan.seconds
+        feed = pass0_tokens if pass0_tokens is not None else \
+            sum(max(1, len(r.kv_slots) - r.draft_cached) for r, k in zip(reqs, lengths) if k > 0)
+        rows = list(plan.rows)
+        if rows:
+            rows[0] = 0  # pass 0 is priced by what it feeds
+        seconds = plan._seconds(plan.target_tokens, rows, 0.0)
+        if feed:
+            seconds += self.draft_cost.predict(feed)
+        return seconds  # the plan's overhead included
+
+    # -- per-step overhead ---------------------------------------------------------------------
+    # Everything a step costs outside the forward passes (planning, sampling and accepting over
+    # the vocabulary, stop checks, output messages), measured per step and kept by the number of
+    # requests in the step.  It is the same whether a step drafts or not, so it favours longer
+    # drafts a little: one step's overhead is shared by more tokens.
+    def observe_step_overhead(self, num_requests: int, seconds: float) -> None:
+        self._overhead.observe(max(1, num_requests), max(0.0, seconds))
+
+    def step_overhead(self, num_requests: int) -> float:
+        return self._overhead.predict(max(1, num_requests)) if self._overhead.measured else 0.0
 
     def _plan(self, reqs: list[Request], step_tokens: int) -> "_StepPlan":
         return _StepPlan(self, [self.accept_rate(r) for r in reqs], max(step_tokens, len(reqs)),
@@ -352,6 +379,9 @@ class _StepPlan:
         self.rates = rates
         self.step_tokens = step_tokens
         self.catch_up = catch_up  # seconds per emitted token, charged while k > 0
+        # Measured seconds outside the passes: the same with or without drafts, so it makes
+        # drafting pay a little sooner (more tokens share one step's overhead).
+        self.overhead_s = policy.step_overhead(len(rates))
         self.reset([0] * len(rates))
 
     def _catch_up_of(self, i: int, k: int) -> float:
@@ -378,7 +408,7 @@ class _StepPlan:
         return self._seconds(self.target_tokens, self.rows, self.extra_s)
 
     def _seconds(self, target_tokens: float, rows: list[int], extra_s: float) -> float:
-        seconds = self.policy.target_cost.predict(target_tokens) + extra_s
+        seconds = self.policy.target_cost.predict(target_tokens) + extra_s + self.overhead_s
         return seconds + sum(self.policy.draft_cost.predict(n) for n in rows if n)
 
     def _goodput(self, tokens: float, target_tokens: float, rows: list[int], extra_s: float) -> float:

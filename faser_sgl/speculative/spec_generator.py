@@ -64,6 +64,9 @@ class SpeculativeGenerator:
         self.max_step_tokens = max_step_tokens
         # Measured pass costs, to keep a catch-up pass short (_catch_up_budget).
         self.pass_costs = {"target": CostCurve(0.02, 0.002), "draft": CostCurve(0.01, 0.001)}
+        # Seconds a step costs outside its passes, by the requests in it (observe_step).
+        self.overhead_cost = CostCurve(0.0, 0.0)
+        self._step_pass_s = 0.0  # pass seconds of the step under way
         # FASER early exit (speculative/early_exit.EarlyExitVerifier) or None: full-depth passes.
         self.early_exit = early_exit
         self.num_verify_steps = 0
@@ -220,21 +223,43 @@ class SpeculativeGenerator:
             lengths, catch_up = self._draft_lengths(decodes, step_tokens)
             if self.on_draft_lengths is not None and lengths:
                 self.on_draft_lengths(lengths)
-        self.last_prediction = self._predict_step(decodes, lengths, step_tokens) if self.predict_steps else None
+        self._step_pass_s = 0.0
+        self.last_prediction = self._predict_step(decodes, lengths, step_tokens, catch_up) \
+            if self.predict_steps else None
         return self._run_step(chunks, decodes, lengths, catch_up)
 
-    def _predict_step(self, decodes: list[Request], lengths: list[int], step_tokens: int) -> tuple[float, float]:
+    def _predict_step(self, decodes: list[Request], lengths: list[int], step_tokens: int,
+                      catch_up: dict[int, int]) -> tuple[float, float]:
         """(seconds of the step as chosen, seconds of the same step with no drafts), as the
         policy's cost model predicts them; for a policy without one (fixed K), from the measured
-        pass costs: one target pass over the step's tokens and drafts, one draft pass per draft
-        position.  The scheduler sets them beside the measured step time."""
+        pass costs: one target pass over the step's tokens and drafts, draft pass 0 over all it
+        feeds, one draft pass per further position, plus the measured overhead outside the
+        passes.  Called after _draft_lengths gave each drafting request its k draft slots.
+        The scheduler sets them beside the measured step time."""
+        # Pass 0 feeds each drafting request's committed tokens the draft has not seen, and the
+        # catch-up chunks of requests that are behind (_run_draft).
+        pass0 = sum(len(r.kv_slots) - k - r.draft_cached for r, k in zip(decodes, lengths) if k > 0)
+        pass0 += sum(catch_up.values())
         predict = getattr(self.policy, "predict_step", None)
         if predict is not None:
-            return predict(decodes, lengths, step_tokens), predict(decodes, [0] * len(decodes), step_tokens)
+            return (predict(decodes, lengths, step_tokens, pass0),
+                    predict(decodes, [0] * len(decodes), step_tokens, 0))
         target, draft = self.pass_costs["target"], self.pass_costs["draft"]
-        rows = [sum(k > s for k in lengths) for s in range(max(lengths, default=0))]
+        overhead = self.overhead_cost.predict(max(1, len(decodes))) if self.overhead_cost.measured else 0.0
+        rows = [sum(k > s for k in lengths) for s in range(1, max(lengths, default=0))]
         chosen = target.predict(step_tokens + sum(lengths)) + sum(draft.predict(n) for n in rows)
-        return chosen, target.predict(step_tokens)
+        chosen += draft.predict(pass0) if pass0 else 0.0
+        return chosen + overhead, target.predict(step_tokens) + overhead
+
+    def observe_step(self, num_requests: int, wall_s: float) -> None:
+        """The scheduler's measured time of the step just run: what it cost outside the forward
+        passes timed in it (sampling, accepting, outputs) becomes the overhead the next
+        predictions add."""
+        overhead = max(0.0, wall_s - self._step_pass_s)
+        self.overhead_cost.observe(max(1, num_requests), overhead)
+        observe = getattr(self.policy, "observe_step_overhead", None)
+        if observe is not None:
+            observe(num_requests, overhead)
 
     def _run_step(self, chunks: list[ScheduledChunk], decodes: list[Request], lengths: list[int],
                   catch_up: dict[int, int]) -> dict[Request, list[int]] | None:
@@ -498,6 +523,7 @@ class SpeculativeGenerator:
         return logits
 
     def _observe_pass(self, model: str, tokens: int, seconds: float) -> None:
+        self._step_pass_s += seconds
         self.pass_costs[model].observe(tokens, seconds)
         self.policy.observe_forward(model, tokens, seconds)
 
