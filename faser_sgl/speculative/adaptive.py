@@ -58,6 +58,7 @@ class CostCurve:
         self._buckets: dict[int, list[float]] = {}  # bucket -> [mean tokens, mean seconds]
         self._sorted: list[list[float]] | None = None  # by tokens, rebuilt after observe()
         self._keys: list[float] = []  # token counts of self._sorted, for bisect
+        self._cheapest: list[float] = []  # least seconds at or above each sorted point (predict)
 
     @staticmethod
     def _bucket(tokens: int) -> int:
@@ -80,6 +81,15 @@ class CostCurve:
         if self._sorted is None:
             self._sorted = sorted(self._buckets.values())
             self._keys = [p[0] for p in self._sorted]
+            # cheapest[i]: the least seconds measured at or above point i's size.  A pass never
+            # costs more than a bigger one (it could be padded to that size), so an estimate
+            # above that is a bucket measured in a moment of noise (a co-runner on one of two
+            # cores makes a pass several times slower) that nothing has measured since: after a
+            # noisy start-up calibration the 4-token bucket stayed at 1.7 s beside 0.24 s for 16
+            # tokens, and a verification never carries just 4 tokens to correct it.
+            self._cheapest = [p[1] for p in self._sorted]
+            for i in range(len(self._cheapest) - 2, -1, -1):
+                self._cheapest[i] = min(self._cheapest[i], self._cheapest[i + 1])
         points = self._sorted
         if not points:
             return self.prior[0] + self.prior[1] * tokens
@@ -87,6 +97,13 @@ class CostCurve:
             (n0, s0), = points
             estimate = s0 + self.prior[1] * (tokens - n0)
             return max(0.0, estimate if tokens >= n0 else max(estimate, s0 * tokens / n0))
+        above = bisect.bisect_left(self._keys, tokens)
+        if above < len(points):
+            return min(self._interpolate(tokens), self._cheapest[above])
+        return self._interpolate(tokens)
+
+    def _interpolate(self, tokens: float) -> float:
+        points = self._sorted
         i = bisect.bisect_left(self._keys, tokens)
         i = min(max(i, 1), len(points) - 1)  # interpolate inside, extrapolate the end segments
         (n0, s0), (n1, s1) = points[i - 1], points[i]
