@@ -198,3 +198,25 @@ def test_bad_arguments_are_refused_with_a_message(argv, message, capsys):
         parse_args(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_each_run_starts_with_an_empty_prefix_cache(tiny_server):
+    """Repeats send the same prompts: the harness flushes the radix cache before every run, so
+    the second run prefills what the first did instead of reading it from cache."""
+    import requests
+
+    from faser_sgl.bench.server_process import internal_state
+
+    def hits_of(prompt_ids):
+        before = internal_state(tiny_server.base_url)["prefix_cache_hit_tokens"]
+        r = requests.post(f"{tiny_server.base_url}/generate", timeout=60,
+                          json={"input_ids": prompt_ids, "sampling_params": {"max_new_tokens": 2}})
+        assert r.status_code == 200
+        tiny_server.wait_kv_free()
+        return internal_state(tiny_server.base_url)["prefix_cache_hit_tokens"] - before
+
+    prompt = list(range(300, 364))
+    hits_of(prompt)
+    assert hits_of(prompt) > 0  # cached: the test can see a hit
+    tiny_server.flush_prefix_cache()
+    assert hits_of(prompt) == 0

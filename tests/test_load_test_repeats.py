@@ -172,10 +172,14 @@ def test_bad_repeat_and_record_arguments(argv, message, capsys):
 
 class FakeServer:
     def __init__(self, argv):
-        self.argv, self.base_url, self.kv_waits = argv, "http://fake", 0
+        self.argv, self.base_url, self.kv_waits, self.flushes = argv, "http://fake", 0, 0
 
     def wait_kv_free(self, timeout):
         self.kv_waits += 1
+
+    def flush_prefix_cache(self):
+        assert self.kv_waits == self.flushes + 1  # once the server is idle, before each run
+        self.flushes += 1
 
     def stop(self):
         pass
@@ -218,6 +222,8 @@ def test_run_repeats_every_workload_with_the_same_arrivals(tmp_path, monkeypatch
     per_repeat = [("poisson", 1.0), ("poisson", 2.0), ("trace", trace_rate)]
     assert order == [(s, rep, w, rate) for s in ("none", "k2") for rep in range(3) for w, rate in per_repeat]
     assert [s.kv_waits for s in servers] == [9, 9]
+    # Repeats send the same prompts: each run starts with an empty prefix cache.
+    assert [s.flushes for s in servers] == [9, 9]
     assert all(s.argv[-2] == "--faser-record-steps" for s in servers)
     # The workloads were built once: every repeat and setting sent the same arrivals and prompts.
     assert all(sent[i] == sent[i % 3] for i in range(len(sent)))

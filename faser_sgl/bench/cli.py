@@ -207,6 +207,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Pa
             for repeat in range(args.repeats):
                 for workload in workloads:
                     server.wait_kv_free(timeout=120)
+                    server.flush_prefix_cache()  # every run starts cold, repeats included
                     label = f"{name} {workload.name} {workload.rate:.3g} req/s"
                     if args.repeats > 1:
                         label += f" (repeat {repeat} of 0-{args.repeats - 1})"

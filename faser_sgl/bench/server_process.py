@@ -67,6 +67,20 @@ class Server:
                 raise AssertionError(f"KV pool not free after {timeout}s: {states}")
             time.sleep(0.2)
 
+    def flush_prefix_cache(self, timeout: float = 30.0) -> None:
+        """Drop every cached prefix (/flush_cache on each backend), so that each run of a
+        workload starts cold: its repeats send the same prompts, which a warm radix cache would
+        otherwise serve from cache from the second run on."""
+        deadline = time.monotonic() + timeout
+        for url in backend_urls(self.base_url):
+            while True:
+                r = requests.post(f"{url}/flush_cache", timeout=30)
+                if r.status_code == 200:
+                    break
+                if time.monotonic() > deadline:  # SGLang's rule: refused while requests run
+                    raise AssertionError(f"{url}/flush_cache refused: {r.status_code} {r.text[:200]}")
+                time.sleep(0.2)
+
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
