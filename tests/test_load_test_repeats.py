@@ -236,4 +236,30 @@ def test_run_repeats_every_workload_with_the_same_arrivals(tmp_path, monkeypatch
     assert "faser_sgl/data/traces/AzureLLMInferenceTrace_code.csv" in trace_section
     assert "time x10" in trace_section and "each entry kept with probability 0.5" in trace_section
     assert "15/15" in trace_section and "(" in _table_rows(trace_section, "k2")[0][5]  # tput spread
-    assert "![Recorded trace](bursty.png)" in text and "### k2" in text
+    assert "![Recorded trace](trace.png)" in text and "### k2" in text
+
+
+def test_the_trace_can_run_beside_the_bursty_mmpp(tmp_path):
+    """--trace-num-prompts keeps the MMPP run and adds the trace (issue 25 asks for both in one
+    run); without it the trace replaces the MMPP as before.  Each gets its own plot."""
+    from faser_sgl.bench.workloads import build_workloads
+
+    common = ["--request-rates", "1", "--num-prompts", "2", "--bursty-num-prompts", "6",
+              "--trace", "azure-code", "--trace-time-scale", "10"]
+    prompts, lens = [f"p{i}" for i in range(10)], list(range(3, 13))
+    both = build_workloads(parse_args([*common, "--trace-num-prompts", "4"]), prompts, lens)
+    assert [(w.name, w.num_requests) for w in both] == [("poisson", 2), ("bursty", 6), ("trace", 4)]
+    alone = build_workloads(parse_args(common), prompts, lens)
+    assert [(w.name, w.num_requests) for w in alone] == [("poisson", 2), ("trace", 6)]
+    results = [record("none", w.name, w.rate, None, 10.0, 1000.0, [f"t{i}" for i in range(w.num_requests)])
+               | {"detail": w.detail, "requests": [
+                   {"arrival_s": t, "prompt_len": 3, "output_len": 4, "success": True, "ttft_s": 0.1,
+                    "latency_s": 1.0, "text": "x"} for t in w.arrivals_s]}
+               for w in both]
+    meta = {"date": "d", "machine": "m", "command": "c", "settings": {"none": ""}, "baseline": "none",
+            "dataset": "humaneval", "max_prompt_len": 512, "output_len": 4, "temperature": 0.0,
+            "ignore_eos": False, "seed": 0, "num_prompt_pool": 10}
+    files = report.write_all(tmp_path, tmp_path / "results.md", meta, results)
+    assert files["bursty"].name == "bursty.png" and files["trace"].name == "trace.png"
+    text = files["report"].read_text()
+    assert "![Bursty traffic (MMPP)](bursty.png)" in text and "![Recorded trace](trace.png)" in text

@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                    "trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens; arrival times only; "
                                    "azure-code and azure-conv ship with faser_sgl), "
                                    "replayed instead of the MMPP (at most --bursty-num-prompts requests)")
+    g.add_argument("--trace-num-prompts", type=int, default=None,
+                   help="requests replayed from --trace; given, the bursty MMPP run is kept beside "
+                        "the trace (default: the trace replaces it, with --bursty-num-prompts requests)")
     g.add_argument("--trace-time-scale", type=float, default=1.0,
                    help="stretch the trace's arrival offsets by this factor (10: a tenth of its rate)")
     g.add_argument("--trace-sample", type=float, default=1.0,
@@ -116,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--repeats must be >= 1")
     if args.record_steps and args.base_url:
         p.error("--record-steps needs servers the harness starts (not --base-url)")
+    if args.trace_num_prompts is not None and (args.trace_num_prompts < 1 or not args.trace):
+        p.error("--trace-num-prompts needs --trace and must be >= 1")
     if args.num_prompts < 1 or args.output_len < 1 or args.bursty_num_prompts < 0:
         p.error("--num-prompts and --output-len must be >= 1, --bursty-num-prompts >= 0")
     if args.trace_time_scale <= 0 or not 0 < args.trace_sample <= 1:

@@ -177,12 +177,12 @@ def _mean_latency_by_request(runs: list[dict]) -> tuple[list[float], list[float]
     return xs, ys
 
 
-def plot_bursty(path: Path, rows: list[dict]) -> str | None:
-    """The arrival rate over time and each request's latency by arrival time, per setting."""
-    workload = next((w for w in ("bursty", "trace") if _by_setting(rows, w)), None)
-    if workload is None:
-        return None
+def plot_bursty(path: Path, rows: list[dict], workload: str = "bursty") -> bool:
+    """The arrival rate over time and each request's latency by arrival time, per setting, for
+    the bursty or the trace workload."""
     series = _by_setting(rows, workload)
+    if not series:
+        return False
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
     first = next(iter(series.values()))[0]
     arrivals = [q["arrival_s"] for q in first["runs"][0]["requests"]]
@@ -209,7 +209,7 @@ def plot_bursty(path: Path, rows: list[dict]) -> str | None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return workload
+    return True
 
 
 def _identical(row: dict, base: dict | None) -> str:
@@ -381,9 +381,9 @@ def write_all(output_dir: Path, report_path: Path, meta: dict, results: list[dic
     images: dict[str, Path] = {}
     if plot_sweep(output_dir / "poisson_sweep.png", rows):
         images["poisson"] = output_dir / "poisson_sweep.png"
-    bursty_kind = plot_bursty(output_dir / "bursty.png", rows)
-    if bursty_kind:
-        images[bursty_kind] = output_dir / "bursty.png"
+    for workload, name in (("bursty", "bursty.png"), ("trace", "trace.png")):
+        if plot_bursty(output_dir / name, rows, workload):
+            images[workload] = output_dir / name
     meta = {**meta, "files": [str(p) for p in [*files.values(), *images.values()]]}
     write_json(files["json"], meta, results)
     write_csv(files["csv"], results)

@@ -217,18 +217,10 @@ def build_workloads(args, prompts: list[str], lens: list[int]) -> list[Workload]
         texts, text_lens = pick_prompts(prompts, lens, args.num_prompts, rng)
         workloads.append(Workload("poisson", rate, texts, text_lens,
                                   poisson_arrivals(args.num_prompts, rate, rng), args.output_len))
-    if args.trace:
-        scale, sample = getattr(args, "trace_time_scale", 1.0), getattr(args, "trace_sample", 1.0)
-        arrivals = trace_arrivals(args.trace, args.bursty_num_prompts, scale, sample,
-                                  np.random.default_rng([args.seed, 1001]))
-        rng = np.random.default_rng([args.seed, 1000])
-        texts, text_lens = pick_prompts(prompts, lens, len(arrivals), rng)
-        span = max(arrivals[-1], 1e-9)
-        described = describe_trace(str(resolve_trace(args.trace)), scale, sample, args.bursty_num_prompts,
-                                   len(arrivals))
-        workloads.append(Workload("trace", len(arrivals) / span, texts, text_lens, arrivals,
-                                  args.output_len, {"trace": described}))
-    elif args.bursty_num_prompts > 0:
+    # With --trace the trace replaces the MMPP, unless --trace-num-prompts asks for both.
+    trace_num = getattr(args, "trace_num_prompts", None)
+    mmpp_num = args.bursty_num_prompts if not args.trace or trace_num is not None else 0
+    if mmpp_num > 0:
         rng = np.random.default_rng([args.seed, 1000])
         arrivals, periods = mmpp_arrivals(args.bursty_num_prompts, args.bursty_trough_rate,
                                           args.bursty_peak_ratio, args.bursty_mean_dwell, rng)
@@ -238,4 +230,14 @@ def build_workloads(args, prompts: list[str], lens: list[int]) -> list[Workload]
             "bursty", len(arrivals) / span, texts, text_lens, arrivals, args.output_len,
             {"trough_rate": args.bursty_trough_rate, "peak_ratio": args.bursty_peak_ratio,
              "mean_dwell_s": args.bursty_mean_dwell, "periods": periods}))
+    if args.trace:
+        num = trace_num if trace_num is not None else args.bursty_num_prompts
+        scale, sample = getattr(args, "trace_time_scale", 1.0), getattr(args, "trace_sample", 1.0)
+        arrivals = trace_arrivals(args.trace, num, scale, sample, np.random.default_rng([args.seed, 1001]))
+        rng = np.random.default_rng([args.seed, 1000])
+        texts, text_lens = pick_prompts(prompts, lens, len(arrivals), rng)
+        span = max(arrivals[-1], 1e-9)
+        described = describe_trace(str(resolve_trace(args.trace)), scale, sample, num, len(arrivals))
+        workloads.append(Workload("trace", len(arrivals) / span, texts, text_lens, arrivals,
+                                  args.output_len, {"trace": described}))
     return workloads
