@@ -100,8 +100,9 @@ def test_every_speculative_step_carries_its_prediction(tiny_model_factory, parti
 
 def test_the_prediction_adds_the_measured_overhead_outside_the_passes():
     """What a step costs besides its passes (sampling, accepting, outputs) is measured per step
-    and added to every prediction, with or without drafts; a step's measured overhead is its
-    wall time less the passes timed in it."""
+    and added to its prediction: for a step without drafts by its requests, for a drafting step
+    by the rows it verifies (accepting costs per verified row, so drafting under load costs more
+    outside the passes than a plain step of the same requests)."""
     from faser_sgl.speculative.policy import make_policy
     from test_adaptive_policy import make_req
 
@@ -110,9 +111,10 @@ def test_the_prediction_adds_the_measured_overhead_outside_the_passes():
     for r in reqs:
         r.kv_slots, r.draft_cached = [0, 1, 2], 3
     without = policy.predict_step(reqs, [2, 1], 2), policy.predict_step(reqs, [0, 0], 2)
-    policy.observe_step_overhead(2, 0.004)
-    assert policy.step_overhead(2) == pytest.approx(0.004)
-    assert policy.predict_step(reqs, [2, 1], 2) == pytest.approx(without[0] + 0.004)
+    policy.observe_step_overhead(False, 2, 0.004)  # a plain step of 2 requests
+    policy.observe_step_overhead(True, 5, 0.010)  # a drafting step verifying 2 + 3 rows
+    assert policy.step_overhead(False, 2) == pytest.approx(0.004)
+    assert policy.predict_step(reqs, [2, 1], 2) == pytest.approx(without[0] + 0.010)
     assert policy.predict_step(reqs, [0, 0], 2) == pytest.approx(without[1] + 0.004)
 
 
@@ -120,17 +122,21 @@ def test_the_generator_measures_overhead_as_wall_time_less_its_passes(tiny_model
     target = tiny_model_factory("llama", seed=0)
     engine = Engine(target, partial_draft_path, k=2, policy="adaptive")
     gen = engine.generator
-    passes = []
+    shapes = []
     real_step = gen.generate
 
     def step(chunks):
         out = real_step(chunks)
-        passes.append(gen._step_pass_s)
-        gen.observe_step(len(chunks), gen._step_pass_s + 0.003)  # 3 ms outside the passes
+        drafted, rows = gen._step_shape
+        shapes.append((drafted, rows, gen._step_pass_s))
+        # 3 ms outside the passes of a plain step, 1 ms per verified row of a drafting one
+        gen.observe_step(len(chunks), gen._step_pass_s + (0.001 * rows if drafted else 0.003))
         return out
     gen.generate = step
     engine.run([engine.make_request(p, 6, temperature=0) for p in PROMPTS])
-    assert passes and all(s > 0 for s in passes)  # every step timed its passes
-    assert gen.overhead_cost.measured
-    assert gen.overhead_cost.predict(len(PROMPTS)) == pytest.approx(0.003, rel=1e-6)
-    assert gen.policy.step_overhead(len(PROMPTS)) == pytest.approx(0.003, rel=1e-6)
+    assert shapes and all(s > 0 for *_, s in shapes)  # every step timed its passes
+    drafting = [rows for drafted, rows, _ in shapes if drafted]
+    assert drafting and any(not drafted for drafted, *_ in shapes)
+    assert gen.policy.step_overhead(False, len(PROMPTS)) == pytest.approx(0.003, rel=1e-6)
+    assert gen.policy.step_overhead(True, drafting[-1]) == pytest.approx(0.001 * drafting[-1], rel=1e-6)
+    assert gen.overhead_cost[True].predict(drafting[-1]) == pytest.approx(0.001 * drafting[-1], rel=1e-6)

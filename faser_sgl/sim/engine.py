@@ -162,12 +162,16 @@ class SimServer:
             self.clock.now = max(self.clock.now, self._workload.arrivals_s[self._pending[0]])
             return
         drafts_before = self.executor.passes["draft"]
+        started = self.clock.now
         new_tokens = self.generator.generate(chunks)
         # What the server does besides the passes (cost_profile.StepOverhead), before it sends.
         overhead = self.executor.profile.step_overhead.seconds(
             len(chunks), self.executor.passes["draft"] - drafts_before)
         self.clock.now += overhead
         self.overhead_s += overhead
+        observe_step = getattr(self.generator, "observe_step", None)
+        if new_tokens is not None and observe_step is not None:  # as Scheduler.step tells it
+            observe_step(len(chunks), self.clock.now - started)
         self._preempted_last_step = new_tokens is None
         if new_tokens is None:
             for chunk in chunks:

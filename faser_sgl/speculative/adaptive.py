@@ -191,7 +191,9 @@ class AdaptiveLength:
         # prune moves the yield by PRUNE_SMOOTHING instead of setting it to zero.
         self._row_reached = [1.0] * (self.max_k + 2)
         self._row_lost = [0.0] * (self.max_k + 2)
-        self._overhead = CostCurve(0.0, 0.0)  # seconds outside the passes, by requests in the step
+        # Seconds a step costs outside its passes: steps without drafts by the requests in them,
+        # drafting steps by the rows they verify (observe_step_overhead).
+        self._overhead = {False: CostCurve(0.0, 0.0), True: CostCurve(0.0, 0.0)}
 
     # -- feedback ------------------------------------------------------------------------------
     # The estimate is successes / trials over the request's decayed counts.  A new request starts
@@ -336,21 +338,26 @@ class AdaptiveLength:
         rows = list(plan.rows)
         if rows:
             rows[0] = 0  # pass 0 is priced by what it feeds
-        seconds = plan._seconds(plan.target_tokens, rows, 0.0)
+        seconds = plan._seconds(plan.target_tokens, rows, 0.0, drafting=any(lengths))
         if feed:
             seconds += self.draft_cost.predict(feed)
         return seconds  # the plan's overhead included
 
     # -- per-step overhead ---------------------------------------------------------------------
     # Everything a step costs outside the forward passes (planning, sampling and accepting over
-    # the vocabulary, stop checks, output messages), measured per step and kept by the number of
-    # requests in the step.  It is the same whether a step drafts or not, so it favours longer
-    # drafts a little: one step's overhead is shared by more tokens.
-    def observe_step_overhead(self, num_requests: int, seconds: float) -> None:
-        self._overhead.observe(max(1, num_requests), max(0.0, seconds))
+    # the vocabulary, stop checks, output messages), measured per step.  A step without drafts
+    # samples one row per request; a drafting step samples and accepts every verified row (and
+    # the draft's rows), which on the CPU costs ~1.1-1.3 ms per verified row against ~0.3 ms per
+    # plain row (docs/benchmarks.md): 35-45 ms of a 0.4-0.6 s step at 10-16 decodes.  Keyed by
+    # requests alone, that overhead was predicted from mostly plain steps and drafting under
+    # load looked cheaper than it was.  So two curves: plain steps by requests, drafting steps
+    # by the rows they verify.
+    def observe_step_overhead(self, drafted: bool, size: int, seconds: float) -> None:
+        self._overhead[bool(drafted)].observe(max(1, size), max(0.0, seconds))
 
-    def step_overhead(self, num_requests: int) -> float:
-        return self._overhead.predict(max(1, num_requests)) if self._overhead.measured else 0.0
+    def step_overhead(self, drafted: bool, size: float) -> float:
+        curve = self._overhead[bool(drafted)]
+        return curve.predict(max(1.0, size)) if curve.measured else 0.0
 
     def _plan(self, reqs: list[Request], step_tokens: int) -> "_StepPlan":
         return _StepPlan(self, [self.accept_rate(r) for r in reqs], max(step_tokens, len(reqs)),
@@ -396,9 +403,6 @@ class _StepPlan:
         self.rates = rates
         self.step_tokens = step_tokens
         self.catch_up = catch_up  # seconds per emitted token, charged while k > 0
-        # Measured seconds outside the passes: the same with or without drafts, so it makes
-        # drafting pay a little sooner (more tokens share one step's overhead).
-        self.overhead_s = policy.step_overhead(len(rates))
         self.reset([0] * len(rates))
 
     def _catch_up_of(self, i: int, k: int) -> float:
@@ -424,8 +428,13 @@ class _StepPlan:
         """Predicted seconds of the step with the current lengths."""
         return self._seconds(self.target_tokens, self.rows, self.extra_s)
 
-    def _seconds(self, target_tokens: float, rows: list[int], extra_s: float) -> float:
-        seconds = self.policy.target_cost.predict(target_tokens) + extra_s + self.overhead_s
+    def _seconds(self, target_tokens: float, rows: list[int], extra_s: float,
+                 drafting: bool | None = None) -> float:
+        """Passes plus the measured overhead outside them: by the requests for a step without
+        drafts, by the rows verified for a drafting one (rows[0]: requests that draft)."""
+        drafting = bool(rows and rows[0]) if drafting is None else drafting
+        overhead = self.policy.step_overhead(drafting, target_tokens if drafting else len(self.rates))
+        seconds = self.policy.target_cost.predict(target_tokens) + extra_s + overhead
         return seconds + sum(self.policy.draft_cost.predict(n) for n in rows if n)
 
     def _goodput(self, tokens: float, target_tokens: float, rows: list[int], extra_s: float) -> float:

@@ -64,9 +64,11 @@ class SpeculativeGenerator:
         self.max_step_tokens = max_step_tokens
         # Measured pass costs, to keep a catch-up pass short (_catch_up_budget).
         self.pass_costs = {"target": CostCurve(0.02, 0.002), "draft": CostCurve(0.01, 0.001)}
-        # Seconds a step costs outside its passes, by the requests in it (observe_step).
-        self.overhead_cost = CostCurve(0.0, 0.0)
+        # Seconds a step costs outside its passes (observe_step): steps without drafts by their
+        # requests, drafting steps by the rows they verify (AdaptiveLength says why).
+        self.overhead_cost = {False: CostCurve(0.0, 0.0), True: CostCurve(0.0, 0.0)}
         self._step_pass_s = 0.0  # pass seconds of the step under way
+        self._step_shape = (False, 0)  # (drafted, rows verified) of the step under way
         # FASER early exit (speculative/early_exit.EarlyExitVerifier) or None: full-depth passes.
         self.early_exit = early_exit
         self.num_verify_steps = 0
@@ -224,6 +226,7 @@ class SpeculativeGenerator:
             if self.on_draft_lengths is not None and lengths:
                 self.on_draft_lengths(lengths)
         self._step_pass_s = 0.0
+        self._step_shape = (any(lengths), step_tokens + sum(lengths))
         self.last_prediction = self._predict_step(decodes, lengths, step_tokens, catch_up) \
             if self.predict_steps else None
         return self._run_step(chunks, decodes, lengths, catch_up)
@@ -245,21 +248,28 @@ class SpeculativeGenerator:
             return (predict(decodes, lengths, step_tokens, pass0),
                     predict(decodes, [0] * len(decodes), step_tokens, 0))
         target, draft = self.pass_costs["target"], self.pass_costs["draft"]
-        overhead = self.overhead_cost.predict(max(1, len(decodes))) if self.overhead_cost.measured else 0.0
+
+        def overhead(drafted: bool, size: int) -> float:
+            curve = self.overhead_cost[drafted]
+            return curve.predict(max(1, size)) if curve.measured else 0.0
         rows = [sum(k > s for k in lengths) for s in range(1, max(lengths, default=0))]
         chosen = target.predict(step_tokens + sum(lengths)) + sum(draft.predict(n) for n in rows)
         chosen += draft.predict(pass0) if pass0 else 0.0
-        return chosen + overhead, target.predict(step_tokens) + overhead
+        drafted = any(lengths)
+        chosen += overhead(drafted, step_tokens + sum(lengths) if drafted else len(decodes))
+        return chosen, target.predict(step_tokens) + overhead(False, len(decodes))
 
     def observe_step(self, num_requests: int, wall_s: float) -> None:
         """The scheduler's measured time of the step just run: what it cost outside the forward
         passes timed in it (sampling, accepting, outputs) becomes the overhead the next
         predictions add."""
         overhead = max(0.0, wall_s - self._step_pass_s)
-        self.overhead_cost.observe(max(1, num_requests), overhead)
+        drafted, rows = self._step_shape
+        size = max(1, rows if drafted else num_requests)
+        self.overhead_cost[drafted].observe(size, overhead)
         observe = getattr(self.policy, "observe_step_overhead", None)
         if observe is not None:
-            observe(num_requests, overhead)
+            observe(drafted, size, overhead)
 
     def _run_step(self, chunks: list[ScheduledChunk], decodes: list[Request], lengths: list[int],
                   catch_up: dict[int, int]) -> dict[Request, list[int]] | None:
