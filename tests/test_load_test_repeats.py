@@ -258,8 +258,10 @@ def test_the_trace_can_run_beside_the_bursty_mmpp(tmp_path):
                for w in both]
     meta = {"date": "d", "machine": "m", "command": "c", "settings": {"none": ""}, "baseline": "none",
             "dataset": "humaneval", "max_prompt_len": 512, "output_len": 4, "temperature": 0.0,
-            "ignore_eos": False, "seed": 0, "num_prompt_pool": 10}
+            "ignore_eos": False, "seed": 0, "num_prompt_pool": 10,
+            "reruns": {"none": {"date": "d2", "command": "c2", "why": "a reason"}}}
     files = report.write_all(tmp_path, tmp_path / "results.md", meta, results)
     assert files["bursty"].name == "bursty.png" and files["trace"].name == "trace.png"
     text = files["report"].read_text()
     assert "![Bursty traffic (MMPP)](bursty.png)" in text and "![Recorded trace](trace.png)" in text
+    assert "- Rerun of `none`: d2, `c2` (a reason)" in text  # a setting run again is named

@@ -322,6 +322,8 @@ def write_markdown(path: Path, meta: dict, results: list[dict], images: dict[str
         f"- Date: {meta['date']}",
         f"- Machine: {meta['machine']}",
         f"- Command: `{meta['command']}`",
+        *[f"- Rerun of `{name}`: {rerun['date']}, `{rerun['command']}` ({rerun['why']})"
+          for name, rerun in meta.get("reruns", {}).items()],
         f"- Prompts: {meta['dataset']} ({meta['num_prompt_pool']} prompts of at most "
         f"{meta['max_prompt_len']} tokens), up to {meta['output_len']} new tokens each, "
         f"temperature {meta['temperature']}, EOS {'ignored' if meta['ignore_eos'] else 'honoured'}.",
