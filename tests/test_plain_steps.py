@@ -139,4 +139,4 @@ def test_the_generator_measures_overhead_as_wall_time_less_its_passes(tiny_model
     assert drafting and any(not drafted for drafted, *_ in shapes)
     assert gen.policy.step_overhead(False, len(PROMPTS)) == pytest.approx(0.003, rel=1e-6)
     assert gen.policy.step_overhead(True, drafting[-1]) == pytest.approx(0.001 * drafting[-1], rel=1e-6)
-    assert gen.overhead_cost[True].predict(drafting[-1]) == pytest.approx(0.001 * drafting[-1], rel=1e-6)
+    assert gen.overhead_cost.predict(True, drafting[-1]) == pytest.approx(0.001 * drafting[-1], rel=1e-6)

@@ -117,6 +117,27 @@ class CostCurve:
         return max(0.0, estimate)
 
 
+class StepOverhead:
+    """Measured seconds a step costs outside its forward passes (planning, sampling and
+    accepting over the vocabulary, stop checks, output messages).  A step without drafts samples
+    one row per request; a drafting step samples and accepts every verified row (and the draft's
+    rows), which on the CPU costs ~1.1-1.3 ms per verified row against ~0.3 ms per plain row
+    (docs/benchmarks.md): 35-45 ms of a 0.4-0.6 s step at 10-16 decodes.  Keyed by requests
+    alone, that overhead was predicted from mostly plain steps and drafting under load looked
+    cheaper than it was.  So two curves: plain steps by requests, drafting steps by the rows
+    they verify.  Unmeasured, a step has no overhead."""
+
+    def __init__(self):
+        self._curves = {False: CostCurve(0.0, 0.0), True: CostCurve(0.0, 0.0)}
+
+    def observe(self, drafted: bool, size: float, seconds: float) -> None:
+        self._curves[bool(drafted)].observe(max(1, size), max(0.0, seconds))
+
+    def predict(self, drafted: bool, size: float) -> float:
+        curve = self._curves[bool(drafted)]
+        return curve.predict(max(1.0, size)) if curve.measured else 0.0
+
+
 COST_PROFILE_SYNTAX = "target=FIXED_MS+PER_TOKEN_MS,draft=FIXED_MS+PER_TOKEN_MS"
 
 
@@ -191,9 +212,7 @@ class AdaptiveLength:
         # prune moves the yield by PRUNE_SMOOTHING instead of setting it to zero.
         self._row_reached = [1.0] * (self.max_k + 2)
         self._row_lost = [0.0] * (self.max_k + 2)
-        # Seconds a step costs outside its passes: steps without drafts by the requests in them,
-        # drafting steps by the rows they verify (observe_step_overhead).
-        self._overhead = {False: CostCurve(0.0, 0.0), True: CostCurve(0.0, 0.0)}
+        self.overhead = StepOverhead()  # seconds outside the passes (observe_step_overhead)
 
     # -- feedback ------------------------------------------------------------------------------
     # The estimate is successes / trials over the request's decayed counts.  A new request starts
@@ -343,21 +362,12 @@ class AdaptiveLength:
             seconds += self.draft_cost.predict(feed)
         return seconds  # the plan's overhead included
 
-    # -- per-step overhead ---------------------------------------------------------------------
-    # Everything a step costs outside the forward passes (planning, sampling and accepting over
-    # the vocabulary, stop checks, output messages), measured per step.  A step without drafts
-    # samples one row per request; a drafting step samples and accepts every verified row (and
-    # the draft's rows), which on the CPU costs ~1.1-1.3 ms per verified row against ~0.3 ms per
-    # plain row (docs/benchmarks.md): 35-45 ms of a 0.4-0.6 s step at 10-16 decodes.  Keyed by
-    # requests alone, that overhead was predicted from mostly plain steps and drafting under
-    # load looked cheaper than it was.  So two curves: plain steps by requests, drafting steps
-    # by the rows they verify.
+    # -- per-step overhead (StepOverhead says why two curves) ------------------------------------
     def observe_step_overhead(self, drafted: bool, size: int, seconds: float) -> None:
-        self._overhead[bool(drafted)].observe(max(1, size), max(0.0, seconds))
+        self.overhead.observe(drafted, size, seconds)
 
     def step_overhead(self, drafted: bool, size: float) -> float:
-        curve = self._overhead[bool(drafted)]
-        return curve.predict(max(1.0, size)) if curve.measured else 0.0
+        return self.overhead.predict(drafted, size)
 
     def _plan(self, reqs: list[Request], step_tokens: int) -> "_StepPlan":
         return _StepPlan(self, [self.accept_rate(r) for r in reqs], max(step_tokens, len(reqs)),

@@ -42,7 +42,7 @@ from faser_sgl.executor.forward_batch import ForwardBatch
 from faser_sgl.managers import logprobs
 from faser_sgl.managers.batch_planner import ScheduledChunk
 from faser_sgl.managers.request import Request
-from faser_sgl.speculative.adaptive import CostCurve, expected_tokens
+from faser_sgl.speculative.adaptive import CostCurve, StepOverhead, expected_tokens
 from faser_sgl.speculative.early_exit import Verification
 
 
@@ -64,9 +64,9 @@ class SpeculativeGenerator:
         self.max_step_tokens = max_step_tokens
         # Measured pass costs, to keep a catch-up pass short (_catch_up_budget).
         self.pass_costs = {"target": CostCurve(0.02, 0.002), "draft": CostCurve(0.01, 0.001)}
-        # Seconds a step costs outside its passes (observe_step): steps without drafts by their
-        # requests, drafting steps by the rows they verify (AdaptiveLength says why).
-        self.overhead_cost = {False: CostCurve(0.0, 0.0), True: CostCurve(0.0, 0.0)}
+        # Seconds a step costs outside its passes (observe_step), for the predictions of
+        # policies without a cost model of their own.
+        self.overhead_cost = StepOverhead()
         self._step_pass_s = 0.0  # pass seconds of the step under way
         self._step_shape = (False, 0)  # (drafted, rows verified) of the step under way
         # FASER early exit (speculative/early_exit.EarlyExitVerifier) or None: full-depth passes.
@@ -247,11 +247,7 @@ class SpeculativeGenerator:
         if predict is not None:
             return (predict(decodes, lengths, step_tokens, pass0),
                     predict(decodes, [0] * len(decodes), step_tokens, 0))
-        target, draft = self.pass_costs["target"], self.pass_costs["draft"]
-
-        def overhead(drafted: bool, size: int) -> float:
-            curve = self.overhead_cost[drafted]
-            return curve.predict(max(1, size)) if curve.measured else 0.0
+        target, draft, overhead = self.pass_costs["target"], self.pass_costs["draft"], self.overhead_cost.predict
         rows = [sum(k > s for k in lengths) for s in range(1, max(lengths, default=0))]
         chosen = target.predict(step_tokens + sum(lengths)) + sum(draft.predict(n) for n in rows)
         chosen += draft.predict(pass0) if pass0 else 0.0
@@ -265,8 +261,8 @@ class SpeculativeGenerator:
         predictions add."""
         overhead = max(0.0, wall_s - self._step_pass_s)
         drafted, rows = self._step_shape
-        size = max(1, rows if drafted else num_requests)
-        self.overhead_cost[drafted].observe(size, overhead)
+        size = rows if drafted else num_requests
+        self.overhead_cost.observe(drafted, size, overhead)
         observe = getattr(self.policy, "observe_step_overhead", None)
         if observe is not None:
             observe(drafted, size, overhead)
