@@ -9,6 +9,8 @@ that would have been built without the pruned tokens.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -418,3 +420,68 @@ def test_unseen_rejection_is_the_calibrated_chance_of_the_first_hidden_draft():
     assert verifier.unseen_rejection(whole, accepted=3) is None  # only the bonus row was dropped
     kept = early_exit.Verification(0, 3, v.candidates)
     assert verifier.unseen_rejection(kept, accepted=3) is None  # nothing pruned
+
+
+class StepTimedEngine(Engine):
+    """Tells the generator each step's wall time, as the scheduler does (observe_step): that is
+    where early exit learns what scoring a step costs."""
+
+    def step(self):
+        start = time.perf_counter()
+        done = super().step()
+        self.generator.observe_step(len(self.planner.running) or 1, time.perf_counter() - start)
+        return done
+
+
+def test_steps_go_unscored_where_no_prune_can_pay(target, partial_draft_path, target_only):
+    """Nearly free target rows (GPU-like costs): after the first scored step has measured what
+    scoring costs, no prune can save that much, so drafts are scored only on probes; no
+    candidates are gathered and no pass is cut for the others.  Where rows are dear, every
+    drafting step is scored and rows are pruned.  Output is target-only's either way."""
+    from faser_sgl.speculative.adaptive import AdaptiveLength, parse_cost_profile
+
+    seen = {}
+    for name, profile in (("cheap-rows", "target=30+0.0001,draft=2+0.01"), ("dear-rows", "target=1+50,draft=1+0.1")):
+        engine = StepTimedEngine(target, partial_draft_path, k=4, early_exit=True, exit_options={
+            "layers": "1,2", "threshold": AGGRESSIVE, "diagnostic": False, "draft_prob": LENS_ONLY})
+        verifier = engine.generator.early_exit
+        verifier.cost_model = AdaptiveLength(4, parse_cost_profile(profile))
+        reqs = [engine.make_request(p, 40, temperature=0) for p in PROMPTS]
+        assert [o[:20] for o in engine.run(reqs)] == target_only
+        stats = verifier.stats.as_dict()
+        seen[name] = stats
+        assert stats["scored_steps"] >= 1 and verifier.scoring_cost.measured
+        if name == "cheap-rows":
+            assert stats["unscored_steps"] > stats["scored_steps"] > 0, stats
+            assert stats["probe_steps"] >= 1, stats  # scored anyway, once every PROBE_EVERY
+            assert stats["rows_pruned"] == 0
+            # Only the scored steps' drafts entered a scored verification pass.
+            assert stats["draft_rows"] < engine.generator.num_drafted
+        else:
+            assert stats["unscored_steps"] == 0 and stats["probe_steps"] == 0, stats
+            assert stats["rows_pruned"] > 0
+    assert seen["cheap-rows"]["draft_rows"] < seen["dear-rows"]["draft_rows"]
+
+
+def test_scoring_is_kept_out_of_the_target_pass_cost(target, partial_draft_path):
+    """The seconds spent deciding at exit layers are taken out of the verification pass's time
+    (the target's cost curve prices layers only) and handed to the step's scoring cost."""
+    engine = exit_engine(target, partial_draft_path, "1,2", AGGRESSIVE, k=4)
+    gen = engine.generator
+    passes = []
+    gen.on_pass = lambda model, tokens, seconds: passes.append((model, seconds))
+    real_decide = gen.early_exit._decide
+
+    def slow_decide(*args):
+        time.sleep(0.05)
+        return real_decide(*args)
+
+    gen.early_exit._decide = slow_decide
+    taken = []
+    real_take = gen.early_exit.take_scoring_seconds
+    gen.early_exit.take_scoring_seconds = lambda: taken.append(real_take()) or taken[-1]
+    engine.run([engine.make_request(PROMPTS[0], 6, temperature=0)])
+    target_passes = [s for m, s in passes if m == "target"]
+    # Two exit layers, 50 ms each: a scored verification would read >= 100 ms with them in.
+    assert gen.num_verify_steps > 0 and max(target_passes) < 0.1, target_passes
+    assert taken and min(taken) >= 0.1, taken  # one figure per scored verification pass

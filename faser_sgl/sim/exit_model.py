@@ -13,8 +13,9 @@ code: its flags, ``_p_right``, ``_choose_prune``, ``record_outcome`` and statist
 Cost: the pass runs in segments between exit layers; a segment costs the cost profile's pass
 time at the rows still in the pass (and, with a context term, at the context left: each pruned
 row is one token fewer fed and read), times the segment's share of the depth, so pruned rows
-cost only the layers before their exit.  The predictor's own cost (1-2 ms per pass on the CPU) is
-not modelled.
+cost only the layers before their exit.  The predictor's own cost (10-20 ms of a drafting step on
+the 2-core CPU in bf16) is not modelled: scoring costs nothing here, so the real verifier's gate
+(``worth_scoring``) leaves a step unscored only where no prune could save anything at all.
 """
 
 from __future__ import annotations
@@ -92,6 +93,16 @@ class SimulatedEarlyExit:
     @property
     def stats(self):
         return self.verifier.stats
+
+    @property
+    def scoring_cost(self):
+        return self.verifier.scoring_cost
+
+    def worth_scoring(self, step_rows: int, draft_rows: int) -> bool:
+        return self.verifier.worth_scoring(step_rows, draft_rows)
+
+    def observe_scoring(self, draft_rows: int, seconds: float) -> None:
+        self.verifier.observe_scoring(draft_rows, seconds)  # 0 s: scoring is not priced here
 
     def record_outcome(self, v: Verification, accepted: int) -> None:
         self.verifier.record_outcome(v, accepted)

@@ -211,7 +211,7 @@ class SimulatedGenerator(SpeculativeGenerator):
         tokens = sum(len(c.tokens) + k_of.get(id(c.req), 0) for c in chunks)
         context = sum(len(c.req.kv_slots) for c in chunks)
         verifications: dict[int, Verification] = {}
-        if self.early_exit is not None:
+        if self._scoring:
             for i, c in enumerate(chunks):
                 k = k_of.get(id(c.req), 0)
                 if k:

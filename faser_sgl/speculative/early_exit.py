@@ -59,6 +59,15 @@ the first candidate in draft order whose net saving is positive is pruned (a sto
 above).  Without a cost model (fixed K) the first predicted
 rejection is pruned.  On a CPU at small batch rows are cheap and little is pruned; in a big, compute-bound pass rows cost and predicted rejections are pruned.
 
+Scoring itself costs: the draft's top alternatives and confidence at every draft pass, the lens
+product and a host sync at every exit layer, and the bookkeeping (10-20 ms of a 0.3-0.6 s
+drafting step on a 2-core CPU in bf16).  Where no prune can pay, that is pure loss, so a step's
+drafts are scored only when they might (``worth_scoring``): decided before drafting from the
+step's shape alone (its rows and draft rows, the target's cost curve and the measured cost of
+scoring), so it says nothing about any draft token and cannot touch losslessness.  While it
+says no, one drafting step in ``PROBE_EVERY`` is scored anyway, so that the cost of scoring and
+the calibration stay measured.
+
 Pruned positions' full-depth verdict of d_j is known after the pass, so every prune is labelled
 right or wrong for free (``ExitStats``); a diagnostic mode runs full depth and only records what
 would have been pruned, which also measures recall.
@@ -66,12 +75,13 @@ would have been pruned, which also measures recall.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from faser_sgl.executor.forward_batch import ForwardBatch
-from faser_sgl.speculative.adaptive import expected_tokens
+from faser_sgl.speculative.adaptive import CostCurve, expected_tokens
 
 DEFAULT_CANDIDATES = 8
 DEFAULT_THRESHOLD = None  # "auto": calibrated online (RejectionCalibration), no fixed threshold
@@ -139,6 +149,9 @@ class ExitStats:
     layers: dict[int, LayerStats] = field(default_factory=dict)
     draft_rows: int = 0  # draft-token rows that entered verification passes
     layer_rows_saved: int = 0  # sum over pruned rows of the layers they skipped
+    scored_steps: int = 0  # drafting steps whose drafts were scored (probes included)
+    probe_steps: int = 0  # ... of those, scored only to keep the figures measured
+    unscored_steps: int = 0  # drafting steps left unscored: no prune could have paid
 
     def layer(self, e: int) -> LayerStats:
         return self.layers.setdefault(e, LayerStats())
@@ -147,7 +160,8 @@ class ExitStats:
         pruned = sum(s.rows_pruned for s in self.layers.values())
         return {"draft_rows": self.draft_rows, "rows_pruned": pruned,
                 "exit_ratio": pruned / self.draft_rows if self.draft_rows else None,
-                "layer_rows_saved": self.layer_rows_saved,
+                "layer_rows_saved": self.layer_rows_saved, "scored_steps": self.scored_steps,
+                "probe_steps": self.probe_steps, "unscored_steps": self.unscored_steps,
                 "layers": {e: s.as_dict() for e, s in sorted(self.layers.items())}}
 
 
@@ -234,6 +248,9 @@ class Verification:
 class EarlyExitVerifier:
     """Runs a target verification pass in segments and prunes predicted rejections."""
 
+    # While no prune can pay, every this many drafting steps one is scored all the same.
+    PROBE_EVERY = 16
+
     def __init__(self, runner, config: ExitConfig, predictor: LensPredictor | None = None,
                  cost_model=None):
         """cost_model: an object with ``target_cost`` (a CostCurve, as the adaptive policy
@@ -248,6 +265,11 @@ class EarlyExitVerifier:
         self.cost_model = cost_model
         self._seconds_per_token = None
         self.stats = ExitStats()
+        # Seconds that scoring adds to a step, by the step's draft rows (observe_scoring), and
+        # the scoring time of the verification pass under way (take_scoring_seconds).
+        self.scoring_cost = CostCurve(0.0, 0.0)
+        self._pass_scoring_s = 0.0
+        self._unscored_run = 0  # drafting steps left unscored since the last scored one
         # Diagnostic mode keeps every scored token as (layer, j, margin, draft prob, rejected,
         # first rejection of its run), so that other thresholds can be evaluated afterwards.
         self.records: list[tuple[int, int, float, float | None, bool, bool]] = []
@@ -275,13 +297,56 @@ class EarlyExitVerifier:
         for layer in self.config.layers:
             hidden = model.forward_layers(hidden, batch, kv, attn, start, layer, (cos, sin))
             start = layer
+            if hidden.is_cuda:  # time the scoring, not the layers before it (_decide syncs anyway)
+                torch.cuda.current_stream(hidden.device).synchronize()
+            scoring_start = time.perf_counter()
             keep = self._decide(layer, hidden, batch, verifications)
             if keep is not None:
                 hidden, cos, sin = hidden[keep[0]], cos[keep[0]], sin[keep[0]]
                 batch = batch.truncate(keep[1])
                 attn.begin_forward(batch)
+            self._pass_scoring_s += time.perf_counter() - scoring_start
         hidden = model.forward_layers(hidden, batch, kv, attn, start, model.num_layers, (cos, sin))
         return model.compute_logits(hidden[batch.logits_indices])
+
+    def worth_scoring(self, step_rows: int, draft_rows: int) -> bool:
+        """Whether to score the drafts of a step whose target pass will carry ``step_rows``
+        rows, ``draft_rows`` of them drafts; asked before drafting (module docstring).
+
+        No prune can save more than every draft row's share of the layers after the first exit
+        layer, and none at all where that is free: that bound, priced on the target's cost
+        curve, against what scoring costs at this many draft rows (measured; unmeasured, it is
+        scored and so measured).  Without a cost model (fixed K prunes the first predicted
+        rejection) and in diagnostics, every step is scored."""
+        if draft_rows <= 0:
+            return False
+        if self.cost_model is None or self.config.diagnostic or not self.scoring_cost.measured:
+            return True
+        curve = self.cost_model.target_cost
+        num_layers = self.runner.model.num_layers
+        share = (num_layers - self.config.layers[0]) / num_layers
+        best_saving = (curve.predict(step_rows) - curve.predict(step_rows - draft_rows)) * share
+        if best_saving > self.scoring_cost.predict(draft_rows):
+            self._unscored_run = 0
+            return True
+        self._unscored_run += 1
+        if self._unscored_run >= self.PROBE_EVERY:
+            self._unscored_run = 0
+            self.stats.probe_steps += 1
+            return True
+        self.stats.unscored_steps += 1
+        return False
+
+    def take_scoring_seconds(self) -> float:
+        """Seconds the verification pass just run spent scoring (its exit layers' decisions);
+        the caller keeps them out of the pass's cost."""
+        seconds, self._pass_scoring_s = self._pass_scoring_s, 0.0
+        return seconds
+
+    def observe_scoring(self, draft_rows: int, seconds: float) -> None:
+        """What scoring a step with ``draft_rows`` drafts cost in all (draft side and pass)."""
+        self.scoring_cost.observe(max(1, draft_rows), max(0.0, seconds))
+        self.stats.scored_steps += 1
 
     def _decide(self, layer: int, hidden: torch.Tensor, batch: ForwardBatch,
                 verifications: list[Verification]):

@@ -335,7 +335,7 @@ class FrontierGenerator(SpeculativeGenerator):
             # Drafts the pass itself scores: frontier 0's all; later, all but the first, which
             # the held row verifies.
             first = start if r == 0 else start + 1
-            if self.early_exit is not None and end > first:
+            if self._scoring and end > first:
                 confidence = self._draft_confidence.get(id(q))
                 verifications[id(q)] = Verification(
                     len(feeds), end - first, torch.stack(cands[id(q)][first:end]),

@@ -71,6 +71,11 @@ class SpeculativeGenerator:
         self._step_shape = (False, 0)  # (drafted, rows verified) of the step under way
         # FASER early exit (speculative/early_exit.EarlyExitVerifier) or None: full-depth passes.
         self.early_exit = early_exit
+        # Whether this step's drafts are scored for early exit (EarlyExitVerifier.worth_scoring)
+        # and the seconds scoring took in it, kept out of its pass and overhead costs.
+        self._scoring = False
+        self._step_scoring_s = 0.0
+        self._step_draft_rows = 0
         self.num_verify_steps = 0
         self.num_drafted = 0
         self.num_accepted = 0
@@ -227,6 +232,10 @@ class SpeculativeGenerator:
                 self.on_draft_lengths(lengths)
         self._step_pass_s = 0.0
         self._step_shape = (any(lengths), step_tokens + sum(lengths))
+        self._step_scoring_s = 0.0
+        self._step_draft_rows = sum(lengths)
+        self._scoring = self.early_exit is not None and self.early_exit.worth_scoring(
+            step_tokens + sum(lengths), sum(lengths))
         self.last_prediction = self._predict_step(decodes, lengths, step_tokens, catch_up) \
             if self.predict_steps else None
         return self._run_step(chunks, decodes, lengths, catch_up)
@@ -245,7 +254,7 @@ class SpeculativeGenerator:
         pass0 += sum(catch_up.values())
         predict = getattr(self.policy, "predict_step", None)
         if predict is not None:
-            return (predict(decodes, lengths, step_tokens, pass0),
+            return (predict(decodes, lengths, step_tokens, pass0) + self._predicted_scoring(lengths),
                     predict(decodes, [0] * len(decodes), step_tokens, 0))
         target, draft, overhead = self.pass_costs["target"], self.pass_costs["draft"], self.overhead_cost.predict
         rows = [sum(k > s for k in lengths) for s in range(1, max(lengths, default=0))]
@@ -253,14 +262,22 @@ class SpeculativeGenerator:
         chosen += draft.predict(pass0) if pass0 else 0.0
         drafted = any(lengths)
         chosen += overhead(drafted, step_tokens + sum(lengths) if drafted else len(decodes))
-        return chosen, target.predict(step_tokens) + overhead(False, len(decodes))
+        return chosen + self._predicted_scoring(lengths), target.predict(step_tokens) + overhead(False, len(decodes))
+
+    def _predicted_scoring(self, lengths: list[int]) -> float:
+        """Early exit's measured scoring cost at this step's draft rows, if it scores them."""
+        if not self._scoring or not self.early_exit.scoring_cost.measured:
+            return 0.0
+        return self.early_exit.scoring_cost.predict(sum(lengths))
 
     def observe_step(self, num_requests: int, wall_s: float) -> None:
         """The scheduler's measured time of the step just run: what it cost outside the forward
         passes timed in it (sampling, accepting, outputs) becomes the overhead the next
         predictions add."""
-        overhead = max(0.0, wall_s - self._step_pass_s)
+        overhead = max(0.0, wall_s - self._step_pass_s - self._step_scoring_s)
         drafted, rows = self._step_shape
+        if self._scoring:
+            self.early_exit.observe_scoring(self._step_draft_rows, self._step_scoring_s)
         size = rows if drafted else num_requests
         self.overhead_cost.observe(drafted, size, overhead)
         observe = getattr(self.policy, "observe_step_overhead", None)
@@ -285,7 +302,7 @@ class SpeculativeGenerator:
         feeds, slot_lists, rows, verifications = [], [], [], {}
         for c, extra in zip(chunks, plan):
             k = k_of.get(id(c.req), 0)
-            if k and self.early_exit is not None:
+            if k and self._scoring:
                 verifications[id(c.req)] = Verification(
                     len(feeds), k, torch.stack(candidates[id(c.req)]),
                     draft_probs=self._draft_confidence.pop(id(c.req), None),
@@ -523,9 +540,14 @@ class SpeculativeGenerator:
         end = time.perf_counter()
         if self.trace is not None:
             self.trace.append((model, threading.current_thread().name, start, end))
-        self._observe_pass(model, sum(len(f) for f in feeds), end - start)
+        seconds = end - start
+        if self.early_exit is not None and forward == self.early_exit.forward:
+            scoring = self.early_exit.take_scoring_seconds()  # not a cost of the layers
+            self._step_scoring_s += scoring
+            seconds -= scoring
+        self._observe_pass(model, sum(len(f) for f in feeds), seconds)
         if self.on_pass is not None:
-            self.on_pass(model, sum(len(f) for f in feeds), end - start)
+            self.on_pass(model, sum(len(f) for f in feeds), seconds)
         return logits
 
     def _observe_pass(self, model: str, tokens: int, seconds: float) -> None:
@@ -555,13 +577,15 @@ class SpeculativeGenerator:
         for i in constrained:
             reqs[i].grammar.advance(tokens[i])
         top = None
-        if self.early_exit is not None:
+        if self._scoring:
+            scoring_start = time.perf_counter()
             alternatives = logits.topk(self.early_exit.config.num_candidates, dim=-1).indices
             top = torch.cat([drawn.to(alternatives.device)[:, None], alternatives], dim=1).cpu()
             # The draft's own confidence in its token: half of the exit predictor's signal.
             own = torch.softmax(logits.float(), dim=-1).gather(1, drawn.to(logits.device)[:, None])
             for r, p in zip(reqs, own[:, 0].tolist()):
                 self._draft_confidence.setdefault(id(r), []).append(p)
+            self._step_scoring_s += time.perf_counter() - scoring_start
         for i, (r, t) in enumerate(zip(reqs, tokens)):
             drafts[id(r)].append(t)
             probs[id(r)].append(q[i])
