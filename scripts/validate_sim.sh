@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 dir=${1:?usage: validate_sim.sh DIR}
 py=.venv/bin/python
 export PYTHONPATH=.
+source scripts/sim_compare_lib.sh
 machine=${MACHINE:-$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores}
 cat "$dir"/run*/acceptance-*.jsonl > "$dir/acceptance.jsonl"
 settings=$(ls "$dir/run1"/steps-*.jsonl | sed 's/.*steps-\(.*\)\.jsonl/\1/')
@@ -34,11 +35,9 @@ for r in run1 run2; do
         for s in $settings; do extra+=(--cost-profile-for "$s=$dir/profiles/$p-$s.json"); done
       fi
       name="$r-on-$p-$kind"
-      $py -m faser_sgl.sim --replay "$dir/$r/real/results.json" --cost-profile "$dir/profiles/$p.json" \
-        "${extra[@]}" --acceptance "$dir/acceptance.jsonl" --output-dir "$dir/sim/$name" > /dev/null
-      $py scripts/compare_sim_real.py "$dir/$r/real/results.json" "$dir/sim/$name/results.json" \
-        --real-repeat "$dir/$other/real/results.json" > "$dir/compare-$name.md" || true
-      echo "== $r replayed on $p's $kind profiles"; cat "$dir/compare-$name.md"
+      replay_and_compare "$dir/$r/real/results.json" "$dir/profiles/$p.json" "$dir/acceptance.jsonl" \
+        "$dir/sim/$name" "$dir/$other/real/results.json" "$dir/compare-$name.md" \
+        "$r replayed on $p's $kind profiles" "${extra[@]}"
     done
   done
 done

@@ -17,6 +17,7 @@ run=${1:?usage: validate_sim_run.sh RUN_DIR OUT_DIR}
 out=${2:?usage: validate_sim_run.sh RUN_DIR OUT_DIR}
 py=.venv/bin/python
 export PYTHONPATH=.
+source scripts/sim_compare_lib.sh
 machine=${MACHINE:-$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores}
 mkdir -p "$out/profiles"
 $py - "$run/results.json" "$out" <<'EOF'
@@ -44,10 +45,8 @@ for r in run1 run2; do
   for kind in pooled per-setting; do
     args=()
     [ $kind = per-setting ] && args=("${extra[@]}")
-    $py -m faser_sgl.sim --replay "$out/$r/results.json" --cost-profile "$out/profiles/pooled.json" \
-      "${args[@]}" --acceptance "$out/acceptance.jsonl" --output-dir "$out/sim/$r-$kind" > /dev/null
-    $py scripts/compare_sim_real.py "$out/$r/results.json" "$out/sim/$r-$kind/results.json" \
-      --real-repeat "$out/$other/results.json" > "$out/compare-$r-$kind.md" || true
-    echo "== $r replayed on the $kind profiles"; cat "$out/compare-$r-$kind.md"
+    replay_and_compare "$out/$r/results.json" "$out/profiles/pooled.json" "$out/acceptance.jsonl" \
+      "$out/sim/$r-$kind" "$out/$other/results.json" "$out/compare-$r-$kind.md" \
+      "$r replayed on the $kind profiles" "${args[@]}"
   done
 done

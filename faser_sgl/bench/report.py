@@ -369,10 +369,32 @@ def write_markdown(path: Path, meta: dict, results: list[dict], images: dict[str
         out += ["", *_table(table_rows, base, greedy, repeats > 1)]
         if workload in rel:
             out += ["", f"![{title}]({rel[workload]})"]
+    out += early_exit_section(rows)
     out += report_costmodel.markdown(meta)
     out += ["", "## Files", "", "- " + ", ".join(f"`{os.path.relpath(p, path.parent)}`"
                                                    for p in meta["files"]), ""]
     path.write_text("\n".join(out))
+
+
+def early_exit_section(rows: list[dict]) -> list[str]:
+    """What early exit did in each run of the settings that have it (the servers' counters,
+    summed over the repeats): drafting steps whose drafts it scored, those it left unscored
+    because no prune could pay, the probes among the scored, and the draft rows it pruned."""
+    rows = [r for r in rows if r["spec"].get("exit_scored_steps") or r["spec"].get("exit_unscored_steps")]
+    if not rows:
+        return []
+    out = ["", "## Early exit", "",
+           "Drafting steps whose drafts were scored at the exit layers, left unscored (no prune could "
+           "save what scoring costs: `EarlyExitVerifier.worth_scoring`), scored only as a probe, and "
+           "the draft rows pruned of those that entered a scored pass; summed over the repeats.", "",
+           "| setting | workload | load (req/s) | scored steps | unscored steps | probes | draft rows scored | rows pruned |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        spec = r["spec"]
+        out.append(f"| {r['setting']} | {r['workload']} | {r['rate']:.3g} | {spec.get('exit_scored_steps', 0)} | "
+                   f"{spec.get('exit_unscored_steps', 0)} | {spec.get('exit_probe_steps', 0)} | "
+                   f"{spec.get('exit_draft_rows', 0)} | {spec.get('exit_rows_pruned', 0)} |")
+    return out
 
 
 def write_all(output_dir: Path, report_path: Path, meta: dict, results: list[dict]) -> dict[str, Path]:

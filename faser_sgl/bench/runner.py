@@ -20,6 +20,9 @@ from faser_sgl.bench.workloads import Workload
 
 # The speculation counters of /get_server_info that a run's delta is taken of.
 SPEC_COUNTERS = ("spec_verify_steps", "spec_drafted_tokens", "spec_accepted_tokens", "spec_pipelined_steps")
+# Early exit's counters (its ``spec_early_exit`` statistics), as ``exit_<name>``: whether its
+# drafts were scored at all (worth_scoring) and what it pruned.
+EXIT_COUNTERS = ("scored_steps", "unscored_steps", "probe_steps", "draft_rows", "rows_pruned")
 
 
 def client_args(temperature: float, ignore_eos: bool) -> argparse.Namespace:
@@ -36,7 +39,10 @@ def server_counters(base_url: str) -> dict:
     from faser_sgl.bench.server_process import backend_urls, internal_state
 
     states = [internal_state(url) for url in backend_urls(base_url)]
-    return {name: sum(state.get(name) or 0 for state in states) for name in SPEC_COUNTERS}
+    counters = {name: sum(state.get(name) or 0 for state in states) for name in SPEC_COUNTERS}
+    for name in EXIT_COUNTERS:
+        counters[f"exit_{name}"] = sum((state.get("spec_early_exit") or {}).get(name) or 0 for state in states)
+    return counters
 
 
 async def _send_all(base_url: str, workload: Workload, show_progress: bool, label: str):
@@ -71,7 +77,7 @@ def run_workload(base_url: str, workload: Workload, tokenizer, temperature: floa
     rows, outputs, duration = asyncio.run(_send_all(base_url, workload, show_progress, label))
     after = server_counters(base_url)
     metrics, _ = serving.calculate_metrics(rows, outputs, duration, tokenizer, "sglang")
-    spec = {name: after[name] - before[name] for name in SPEC_COUNTERS}
+    spec = {name: after[name] - before[name] for name in after}
     return {
         "workload": workload.name,
         "rate": workload.rate,
