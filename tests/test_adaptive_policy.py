@@ -109,6 +109,49 @@ def test_acceptance_estimate_lets_the_evidence_outweigh_the_prior():
     assert policy.accept_rate(req) == pytest.approx(2 / 3, abs=1e-3)
 
 
+# The batch-1 costs of the embedded pair in the 2026-12-07 load run (bf16, AMX Xeon, 2 cores):
+# a target pass ~180 ms whatever its rows up to 5, a draft pass ~80 ms.
+LOAD_RUN_CPU_PROFILE = "target=180+0,draft=80+0"
+
+
+def test_a_new_request_starts_from_the_populations_acceptance():
+    """A new request's prior is the server's recent acceptance over every request, not a
+    constant 0.7: in the load run acceptance was ~0.9, yet each request opened at k = 1 and
+    spent a third of its ~10 verifications climbing one draft token at a time.  The request's
+    own evidence still decides: one that accepts nothing soon stops drafting, whatever the
+    population does, and a population that accepts nothing opens new requests without drafts."""
+    policy = make_policy("adaptive", 4, LOAD_RUN_CPU_PROFILE)
+    assert policy.accept_rate(make_req("cold")) == pytest.approx(AdaptiveLength.PRIOR_RATE)
+    assert policy.choose_lengths([make_req("first")], 1) == [1]
+    for i in range(20):
+        earlier = make_req(f"earlier{i}")
+        for accepted in (4, 4, 2, 4):
+            policy.observe(earlier, 4, accepted)
+    assert policy.prior_rate() > 0.9
+    new = make_req("new")
+    assert policy.accept_rate(new) == pytest.approx(policy.prior_rate())
+    assert policy.choose_lengths([new], 1)[0] >= 3
+    bad = make_req("bad")
+    for _ in range(5):
+        policy.observe(bad, 4, 0)
+    assert policy.accept_rate(bad) < 0.3 and policy.choose_lengths([bad], 1) == [0]
+
+    rejecting = make_policy("adaptive", 4, LOAD_RUN_CPU_PROFILE)
+    for i in range(20):
+        earlier = make_req(f"rejected{i}")
+        for _ in range(4):
+            rejecting.observe(earlier, 1, 0)
+    assert rejecting.prior_rate() < 0.2
+    assert rejecting.choose_lengths([make_req("late")], 1) == [0]
+    # Nobody drafts now, so no new evidence comes: the population's own fades step by step, and
+    # new requests draft again (without that fade, one short warm-up request with a rejection
+    # set a prior at which no request of a load run ever drafted).
+    for step in range(1, 200):
+        if rejecting.choose_lengths([make_req(f"new{step}")], 1)[0]:
+            break
+    assert 10 < step < 100, step
+
+
 def test_nearly_free_verification_stops_drafting_when_nothing_is_accepted_and_probes_again():
     """GPU-like costs: a draft row costs almost nothing, so drafting pays at any sizeable
     acceptance estimate; with nothing accepted the request still stops (docs/simulation.md,

@@ -363,6 +363,13 @@ def test_faser_server_is_lossless_and_reports_early_exit(faser_server, target):
     pruned = scrape(faser_server)["faser:spec_early_exited_tokens_total"] - \
         before["faser:spec_early_exited_tokens_total"]
     assert pruned > 0
+    # The load harness reads the same figures per run (its report's "Early exit" section).
+    from faser_sgl.bench.runner import server_counters
+
+    counters = server_counters(faser_server.base_url)
+    assert counters["exit_rows_pruned"] == exits["rows_pruned"] > 0
+    # Fixed K has no cost model to say a prune cannot pay: every drafting step is scored.
+    assert counters["exit_scored_steps"] > 0 and counters["exit_unscored_steps"] == 0, counters
 
 
 def test_early_exit_options():

@@ -85,9 +85,9 @@ class Request:
     spec_drafted_tokens: int = 0
     # [(drafts verified, accepted), ...] per verification, when --faser-record-acceptance is on.
     spec_steps: Optional[list] = None
-    # The adaptive policy's decayed (successes, trials) of draft-token acceptance, stored minus
-    # a new request's prior, so (0, 0) is a fresh request (adaptive.AdaptiveLength._counts).
-    spec_accept_stats: tuple[float, float] = (0.0, 0.0)
+    # The adaptive policy's decayed (successes, trials) of draft-token acceptance, its prior's
+    # pseudo-counts included; None until first observed (adaptive.AdaptiveLength._counts).
+    spec_accept_stats: Optional[tuple[float, float]] = None
     # Logprobs asked for (managers/logprobs.LogprobState) and the grammar constraining the
     # output (managers/grammar.GrammarState), or None.
     logprobs: Any = None

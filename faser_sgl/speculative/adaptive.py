@@ -188,6 +188,12 @@ class AdaptiveLength:
     DECAY = 0.9
     IDLE_DECAY = 0.9
     IDLE_PRIOR_TRIALS = 0.05
+    # The population's counts (a new request's prior): decay per verification of any request
+    # (the last few hundred count), decay per step in which nobody drafts, and the pseudo-trials
+    # at PRIOR_RATE they start from and never lose.
+    POOL_DECAY = 0.99
+    POOL_IDLE_DECAY = 0.95
+    POOL_PRIOR_TRIALS = 10.0
 
     def __init__(self, max_draft_tokens: int, cost_profile: dict[str, tuple[float, float]] | None = None):
         """``cost_profile`` (see ``parse_cost_profile``) pins both cost curves to those lines:
@@ -213,6 +219,8 @@ class AdaptiveLength:
         self._row_reached = [1.0] * (self.max_k + 2)
         self._row_lost = [0.0] * (self.max_k + 2)
         self.overhead = StepOverhead()  # seconds outside the passes (observe_step_overhead)
+        # Decayed (successes, trials) over every request's verifications: a new request's prior.
+        self._pool = (0.0, 0.0)
 
     # -- feedback ------------------------------------------------------------------------------
     # The estimate is successes / trials over the request's decayed counts.  A new request starts
@@ -237,15 +245,37 @@ class AdaptiveLength:
     #   drafted in ~60% of steps.  Towards a faint prior the climb is close to geometric, so the
     #   wait grows with the threshold only logarithmically: with zero acceptance a probe every ~12
     #   steps with GPU-like costs, every ~30 on the CPU profile (~9 before).
+    # - A new request's prior is the population's recent rate (the server's decayed counts over
+    #   every request's verifications, themselves starting from PRIOR_RATE), not a constant:
+    #   most requests of a workload see about the same acceptance, and requests are short (a
+    #   few to a few tens of verifications), so a prior far below the workload's rate spent a
+    #   third of each request ramping up one draft token per step (the 2026-12-07 load run:
+    #   acceptance ~0.9 on code, yet `adaptive` opened every request at k = 1 from 0.7 and
+    #   averaged 2.8 tokens a pass against fixed K = 4's 4.05).  The population's evidence
+    #   stands beside POOL_PRIOR_TRIALS at PRIOR_RATE, and it fades in every step in which
+    #   nobody drafts: a low population rate stops new requests drafting, which would otherwise
+    #   stop all new evidence for good (seen: the server's 8-token warm-up request, 1 of 4
+    #   drafts accepted, set a prior of 0.4 at which no request of a load run ever drafted).
+    #   The requests' own idle fade keeps the constant PRIOR_RATE for the same reason.
+    def prior_rate(self) -> float:
+        successes, trials = self._pool
+        return (successes + self.PRIOR_RATE * self.POOL_PRIOR_TRIALS) / (trials + self.POOL_PRIOR_TRIALS)
+
     def _counts(self, req: Request) -> tuple[float, float]:
-        """The request's decayed (successes, trials), the prior's remaining pseudo-counts
-        included.  req.spec_accept_stats holds them minus a new request's (PRIOR_RATE *
-        PRIOR_TRIALS, PRIOR_TRIALS), so that the Request's default (0, 0) is the fresh prior."""
-        successes, trials = req.spec_accept_stats
-        return successes + self.PRIOR_RATE * self.PRIOR_TRIALS, trials + self.PRIOR_TRIALS
+        """The request's decayed (successes, trials), its prior's remaining pseudo-counts
+        included; a request never observed (req.spec_accept_stats None) holds the prior alone,
+        fixed at its first observation."""
+        if req.spec_accept_stats is None:
+            return self.prior_rate() * self.PRIOR_TRIALS, self.PRIOR_TRIALS
+        return req.spec_accept_stats
 
     def _set_counts(self, req: Request, successes: float, trials: float) -> None:
-        req.spec_accept_stats = (successes - self.PRIOR_RATE * self.PRIOR_TRIALS, trials - self.PRIOR_TRIALS)
+        req.spec_accept_stats = (successes, trials)
+
+    def _pool_observe(self, successes: float, trials: float, decay: float | None = None) -> None:
+        decay = self.POOL_DECAY if decay is None else decay
+        pooled_successes, pooled_trials = self._pool
+        self._pool = (pooled_successes * decay + successes, pooled_trials * decay + trials)
 
     def accept_rate(self, req: Request) -> float:
         successes, trials = self._counts(req)
@@ -259,6 +289,7 @@ class AdaptiveLength:
         # failure unless all were accepted.
         tested = num_accepted + (1 if num_accepted < num_drafted else 0)
         self._set_counts(req, successes * self.DECAY + num_accepted, trials * self.DECAY + tested)
+        self._pool_observe(num_accepted, tested)
 
     def observe_unseen(self, req: Request, reject_prob: float) -> None:
         """Early exit pruned the draft after a fully accepted run (``observe`` saw no failure
@@ -267,6 +298,7 @@ class AdaptiveLength:
         trial (a censored observation) would skew the estimate upward."""
         successes, trials = self._counts(req)
         self._set_counts(req, successes + (1.0 - reject_prob), trials + 1.0)
+        self._pool_observe(1.0 - reject_prob, 1.0)
 
     def _idle(self, req: Request) -> None:
         """One step without drafting: the counts fade towards the faint prior."""
@@ -400,6 +432,8 @@ class AdaptiveLength:
         for req, k in zip(reqs, plan.lengths):
             if k == 0:
                 self._idle(req)
+        if not any(plan.lengths):
+            self._pool_observe(0.0, 0.0, self.POOL_IDLE_DECAY)
         return plan.lengths
 
 
