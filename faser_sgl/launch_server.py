@@ -15,6 +15,7 @@ import os
 import sys
 
 from faser_sgl.options import FaserOptions
+from faser_sgl.sglang_flags import check_server_args, given
 
 
 def split_argv(argv: list[str]) -> tuple[FaserOptions, list[str]]:
@@ -25,8 +26,7 @@ def split_argv(argv: list[str]) -> tuple[FaserOptions, list[str]]:
     return FaserOptions.from_cli_args(ours), rest
 
 
-def _has_flag(argv: list[str], flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
+_has_flag = given
 
 
 def _cuda_available() -> bool:
@@ -65,6 +65,8 @@ def prepare_args(argv: list[str]):
     from sglang.srt.server_args import prepare_server_args
 
     server_args = prepare_server_args(rest)
+    for warning in check_server_args(server_args, rest):
+        print(f"warning: {warning}", file=sys.stderr)
     if (server_args.dp_size or 1) > 1:
         # SGLang's data-parallel controller would start its own schedulers, not ours.
         raise SystemExit(

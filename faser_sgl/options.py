@@ -76,6 +76,9 @@ class FaserOptions:
     # SIGTERM: seconds the running requests get to finish before the rest are aborted
     # (managers/lifecycle.py); new requests are refused with 503 from the signal on.
     shutdown_timeout: float = 30.0
+    # Work waiting and no forward pass for this many seconds at least (more after long steps:
+    # managers/progress_watchdog.py): the scheduler answers what can never start, or exits.
+    progress_timeout: float = 60.0
     # Append each finished request's verification steps [(drafts, accepted), ...] to this JSONL
     # file (the simulator's acceptance traces, faser_sgl/sim/acceptance.py); None: off.
     record_acceptance: str | None = None
@@ -206,6 +209,13 @@ class FaserOptions:
         group.add_argument("--faser-shutdown-timeout", type=float, default=FaserOptions.shutdown_timeout,
                            help="on SIGTERM, refuse new requests (503) and give the running ones this "
                                 "many seconds to finish; the rest are aborted, then the server exits 0")
+        group.add_argument("--faser-progress-timeout", type=float, default=FaserOptions.progress_timeout,
+                           metavar="SECONDS",
+                           help="work waiting and no forward pass for this long (at least; 50x the "
+                                "longest recent step if that is more): the scheduler logs its "
+                                "state, answers requests that can never start with the reason, and "
+                                "otherwise exits like a dead scheduler (503s, exit code 70) instead "
+                                "of hanging")
         group.add_argument("--faser-record-acceptance", default=None, metavar="PATH",
                            help="append every finished request's verification steps (drafts, "
                                 "accepted) as a JSON line to PATH: acceptance traces for the "
@@ -229,6 +239,8 @@ class FaserOptions:
             raise SystemExit("--faser-early-exit needs a speculative policy (fixed, adaptive or faser)")
         if not args.faser_shutdown_timeout >= 0:
             raise SystemExit("--faser-shutdown-timeout must be a number of seconds >= 0")
+        if not args.faser_progress_timeout > 0:
+            raise SystemExit("--faser-progress-timeout must be a number of seconds > 0")
         if args.faser_exit_candidates < 1:
             raise SystemExit("--faser-exit-candidates must be at least 1")
         layers = args.faser_exit_layers
@@ -293,6 +305,7 @@ class FaserOptions:
             frontier_size=frontier,
             pipeline_split=split,
             shutdown_timeout=args.faser_shutdown_timeout,
+            progress_timeout=args.faser_progress_timeout,
             record_acceptance=args.faser_record_acceptance,
             record_steps=args.faser_record_steps,
         )

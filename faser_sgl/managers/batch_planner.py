@@ -31,9 +31,19 @@ class ScheduledChunk:
 
 
 class BatchPlanner:
-    def __init__(self, allocator, max_running_requests: int, max_step_tokens: int, prefix_cache=None):
+    # SGLang's --schedule-policy values this planner serves; lpm needs the prefix cache (without
+    # it SGLang falls back to fcfs too), and above this many waiting requests the matching costs
+    # more than it wins, so the queue stays in arrival order (SGLang's limit).
+    SCHEDULE_POLICIES = ("fcfs", "lpm")
+    LPM_MAX_WAITING = 128
+
+    def __init__(self, allocator, max_running_requests: int, max_step_tokens: int, prefix_cache=None,
+                 schedule_policy: str = "fcfs"):
+        if schedule_policy not in self.SCHEDULE_POLICIES:
+            raise ValueError(f"schedule policy {schedule_policy!r} is not one of {self.SCHEDULE_POLICIES}")
         self.allocator = allocator
         self.prefix_cache = prefix_cache
+        self.schedule_policy = schedule_policy if prefix_cache is not None else "fcfs"
         self.max_running_requests = max_running_requests
         self.max_step_tokens = max_step_tokens
         self.waiting: deque[Request] = deque()
@@ -110,6 +120,27 @@ class BatchPlanner:
         headroom = len(self.running) * (1 + extra_slots_per_decode)
         return first_chunk > 0 and self.allocator.num_available >= first_chunk + headroom
 
+    def describe(self) -> dict:
+        """The state the progress watchdog logs when nothing could be planned for too long."""
+        return {"waiting": len(self.waiting), "running": len(self.running),
+                "free_slots": self.allocator.num_available, "pool_slots": self.allocator.num_total,
+                "step_budget_tokens": self.max_step_tokens,
+                "max_running_requests": self.max_running_requests,
+                "retractions": self.num_retractions}
+
+    def why_never_admitted(self, req: Request, extra_slots_per_decode: int = 0) -> str | None:
+        """Why ``req`` could not start even with nothing else running, or None if it could: what
+        the progress watchdog tells a request that waited past its deadline."""
+        if self.max_running_requests < 1:
+            return f"the server runs at most {self.max_running_requests} requests at once"
+        if self.max_step_tokens < 1:
+            return f"a step may carry {self.max_step_tokens} tokens, so no prompt can start"
+        first_chunk = min(req.num_uncached, self.max_step_tokens)
+        if first_chunk + extra_slots_per_decode > self.allocator.num_total:
+            return (f"its first {first_chunk} tokens need more KV slots than the pool's "
+                    f"{self.allocator.num_total}")
+        return None
+
     def _next_admissible(self) -> Request | None:
         """The waiting head, unless it is a suspect and one already runs (then the first
         non-suspect behind it, so the rest of the queue is not held up)."""
@@ -117,7 +148,17 @@ class BatchPlanner:
             return self.waiting[0]
         return next((r for r in self.waiting if not r.suspect), None)
 
+    def _order_waiting(self) -> None:
+        """lpm: the waiting requests with the longest cached prefix first (ties, and every
+        request when the queue is long, in arrival order), so that requests sharing a prefix
+        run while it is cached."""
+        if self.schedule_policy != "lpm" or not 1 < len(self.waiting) <= self.LPM_MAX_WAITING:
+            return
+        cache = self.prefix_cache
+        self.waiting = deque(sorted(self.waiting, key=lambda r: -cache.matched_len(r.all_ids, r.num_tokens - 1)))
+
     def _admit(self, extra_slots_per_decode: int) -> None:
+        self._order_waiting()
         budget = self.max_step_tokens - len(self.running)
         while self.waiting and len(self.running) < self.max_running_requests and budget > 0:
             req = self._next_admissible()

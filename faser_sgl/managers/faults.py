@@ -12,6 +12,8 @@ batch is a bystander whose fate the test can check:
 - rid starting with ``fault-stall``: the request's messages to the detokenizer are held back
   for FASER_SGL_FAULT_STALL_S seconds (default 3) each, in order, while the scheduler keeps
   running the rest of the batch.
+- rid starting with ``fault-noplan``: while such a request waits or runs, the planner plans
+  nothing (a planted planner defect: work waiting and no step, for the progress watchdog).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ ENV_STALL_SECONDS = "FASER_SGL_FAULT_STALL_S"
 TARGET_PREFIX = "fault-target"
 DRAFT_PREFIX = "fault-draft"
 STALL_PREFIX = "fault-stall"
+NOPLAN_PREFIX = "fault-noplan"
 
 
 class InjectedFault(RuntimeError):
@@ -60,6 +63,18 @@ class FaultInjector:
             return forward(*args, **kwargs)
 
         runner.forward = faulty_forward
+
+    def wrap_planner(self, planner) -> None:
+        """Make planner.plan return no chunks while a request whose rid starts with
+        NOPLAN_PREFIX waits or runs."""
+        plan = planner.plan
+
+        def stuck_plan(*args, **kwargs):
+            if any(r.rid.startswith(NOPLAN_PREFIX) for r in [*planner.waiting, *planner.running]):
+                return []
+            return plan(*args, **kwargs)
+
+        planner.plan = stuck_plan
 
     # -- output messages -----------------------------------------------------------------------
     def split_stalled(self, reqs: list) -> tuple[list, list]:

@@ -103,6 +103,22 @@ class PrefixCache:
         self.num_hit_tokens += len(slots)
         return PrefixMatch(slots=slots, draft_len=draft_len, node=node)
 
+    def matched_len(self, tokens: list[int], limit: int) -> int:
+        """How many of tokens[:limit] are cached, without locking, splitting or counting a
+        query (the longest-prefix-match order of the waiting queue, --schedule-policy lpm)."""
+        tokens = tokens[:max(limit, 0)]
+        node, pos = self._root, 0
+        while pos < len(tokens):
+            child = node.children.get(tokens[pos])
+            if child is None:
+                break
+            m = _common_len(child.key, tokens, pos)
+            pos += m
+            if m < len(child.key):
+                break
+            node = child
+        return pos
+
     def release(self, match_node, tokens: list[int], slots: list[int], draft_len: int) -> None:
         """Take over a finished request's KV: insert tokens[:len(slots)] with their slots, free
         the request's slots for positions the tree already holds under another slot, mark draft

@@ -27,9 +27,11 @@ from faser_sgl.managers.grammar import GrammarBackend, GrammarError
 from faser_sgl.managers.logprobs import make_state as make_logprob_state
 from faser_sgl.managers.logprobs import start_input as start_input_logprobs
 from faser_sgl.managers.output_builder import build_output, should_send
+from faser_sgl.managers.progress_watchdog import ProgressWatchdog, act_on_stall
 from faser_sgl.managers.request import (Request, StopConditions, finish_abort, finish_length,
                                         uses_coupled_sampling)
 from faser_sgl.managers.stop_checker import StopChecker
+from faser_sgl.managers.step_budget import step_token_budget
 from faser_sgl.managers.token_generator import TargetOnlyGenerator
 from faser_sgl.options import FaserOptions
 from faser_sgl.speculative.policy import make_policy
@@ -154,8 +156,11 @@ class Scheduler:
         self.planner = BatchPlanner(
             self.allocator,
             max_running_requests=self.max_running_requests,
-            max_step_tokens=server_args.chunked_prefill_size or options.max_step_tokens,
+            max_step_tokens=step_token_budget(server_args.chunked_prefill_size, options.max_step_tokens,
+                                              self.context_len, server_args.max_prefill_tokens,
+                                              self.max_running_requests),
             prefix_cache=self.prefix_cache,
+            schedule_policy=server_args.schedule_policy or "fcfs",
         )
         self.sampler = Sampler()
         self.stop_checker = StopChecker(self.tokenizer)
@@ -198,6 +203,7 @@ class Scheduler:
         self._inbox: list[tuple[object, bool]] = []  # read during a step, handled after it
         self._preempted_last_step = False
         self._last_progress = time.monotonic()  # when a step last completed
+        self.watchdog = ProgressWatchdog(options.progress_timeout)
         if self.speculative and sockets is not None:
             self.generator.should_yield = self.newcomer_can_start
         self.control = ControlHandler(self)
@@ -208,6 +214,7 @@ class Scheduler:
         if faults.enabled():  # tests only (managers/faults.py)
             self.faults = faults.FaultInjector()
             self.faults.wrap(self.runner, faults.TARGET_PREFIX)
+            self.faults.wrap_planner(self.planner)
             if self.speculative:
                 self.faults.wrap(self.generator.draft, faults.DRAFT_PREFIX)
                 if self.generator.early_exit is not None:
@@ -258,11 +265,23 @@ class Scheduler:
                     self.sockets.send_detokenizer(message)
             if self.planner.has_work():
                 self.step()
+                self._check_progress()
+            else:
+                self.watchdog.idle()
             if self.load_publisher is not None:
                 self.load_publisher.maybe_publish(self, self.planner.has_work())
             if not self.planner.has_work() and not psutil.pid_exists(parent_pid):
                 logger.info("parent process is gone; scheduler exits")
                 return
+
+    def _check_progress(self) -> None:
+        """Work waited past the watchdog's deadline with no step run: progress_watchdog.py."""
+        extra = self.options.speculative_num_draft_tokens if self.speculative else 0
+        doomed = act_on_stall(self.watchdog, self.planner, extra)  # raises if none can be answered
+        for req in doomed:
+            self.stats["num_failed_requests"] += 1
+        if doomed:
+            self.send_outputs(doomed)
 
     def receive_messages(self, timeout_ms: int) -> None:
         """Handle what a preempted step set aside, then what the sockets hold (waiting up to
@@ -450,6 +469,7 @@ class Scheduler:
         if self.step_recorder is not None:
             self.step_recorder.begin()
         started = time.perf_counter()
+        started_monotonic = time.monotonic()
         try:
             new_tokens = self.generator.generate(chunks)
             self._preempted_last_step = new_tokens is None
@@ -464,9 +484,11 @@ class Scheduler:
         except Exception:
             logger.error("forward pass failed:\n%s", traceback.format_exc())
             self._recover_from_failed_step([c.req for c in chunks])
+            self.watchdog.progressed()  # a failed pass is handled, not a stall
             return
         self.stats["num_forward_steps"] += 1
         self._last_progress = time.monotonic()
+        self.watchdog.progressed(self._last_progress - started_monotonic)
         verify_before = getattr(self.generator, "num_verify_steps", 0)
         generated_before = self.stats["num_generated_tokens"]
         finished_before = self.stats["num_finished_requests"]

@@ -68,6 +68,8 @@ def internal_state(s) -> dict:
         "num_waiting_reqs": len(s.planner.waiting),
         "num_retractions": s.planner.num_retractions,
         "effective_max_running_requests_per_dp": s.max_running_requests,
+        "schedule_policy": s.planner.schedule_policy,
+        "step_budget_tokens": s.planner.max_step_tokens,
         "last_gen_throughput": s.last_gen_throughput,
         "context_length": s.context_len,
         "dtype": str(s.dtype).replace("torch.", ""),

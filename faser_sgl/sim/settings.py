@@ -12,6 +12,7 @@ import argparse
 import shlex
 from dataclasses import dataclass
 
+from faser_sgl.managers.step_budget import step_token_budget
 from faser_sgl.options import FaserOptions
 
 # A CPU server's pool without --max-total-tokens (FaserOptions.default_kv_slots), and the
@@ -49,12 +50,16 @@ def parse_setting(name: str, args: str) -> SimSetting:
     parser.add_argument("--max-running-requests", type=int, default=None)
     parser.add_argument("--chunked-prefill-size", type=int, default=None)
     parser.add_argument("--context-length", type=int, default=None)
+    parser.add_argument("--max-prefill-tokens", type=int, default=None)
     parsed, _ignored = parser.parse_known_args(shlex.split(args))
     options = FaserOptions.from_cli_args(parsed)
+    max_running = parsed.max_running_requests or DEFAULT_MAX_RUNNING
     return SimSetting(
         name=name, args=args, options=options,
         max_total_tokens=parsed.max_total_tokens or options.default_kv_slots,
-        max_running_requests=parsed.max_running_requests or DEFAULT_MAX_RUNNING,
-        max_step_tokens=parsed.chunked_prefill_size or options.max_step_tokens,
+        max_running_requests=max_running,
+        max_step_tokens=step_token_budget(parsed.chunked_prefill_size, options.max_step_tokens,
+                                          parsed.context_length or DEFAULT_CONTEXT_LEN,
+                                          parsed.max_prefill_tokens, max_running),
         context_len=parsed.context_length or DEFAULT_CONTEXT_LEN,
     )

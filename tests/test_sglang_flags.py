@@ -1,0 +1,155 @@
+"""SGLang server flags mean here what they mean in SGLang (issue 28, item 3)."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from faser_sgl.executor.kv_cache import SlotAllocator
+from faser_sgl.managers.batch_planner import BatchPlanner
+from faser_sgl.managers.request import Request, StopConditions
+from faser_sgl.managers.step_budget import step_token_budget
+from faser_sgl.sim.settings import parse_setting
+
+
+def make_req(rid: str, prompt_len: int) -> Request:
+    return Request(rid=rid, http_worker_ipc=None, prompt_ids=list(range(1, prompt_len + 1)),
+                   stop=StopConditions(8, frozenset()), sampling=None, stream=False)
+
+
+def test_chunked_prefill_size_sets_the_step_budget_and_non_positive_turns_chunking_off():
+    """SGLang: --chunked-prefill-size N caps a prefill chunk; <= 0 (its tests pass -1) turns
+    chunked prefill off, whole prompts in one pass.  It used to become a step budget of -1,
+    with which the planner admitted nothing and the scheduler spun."""
+    assert step_token_budget(None, 2048, 32768, 16384, 64) == 2048
+    assert step_token_budget(512, 2048, 32768, 16384, 64) == 512
+    for off in (-1, 0):
+        assert step_token_budget(off, 2048, 32768, 16384, 64) == 32768 + 64
+    assert step_token_budget(-1, 2048, 4096, 16384, 8) == 16384 + 8
+    # The simulator reads the flag the same way.
+    assert parse_setting("off", "--chunked-prefill-size -1 --context-length 8192").max_step_tokens > 8192
+    assert parse_setting("on", "--chunked-prefill-size 256").max_step_tokens == 256
+
+
+def test_with_chunking_off_a_long_prompt_is_prefilled_in_one_pass_beside_decodes():
+    alloc = SlotAllocator(16384)
+    budget = step_token_budget(-1, 2048, 8192, None, 4)
+    planner = BatchPlanner(alloc, max_running_requests=4, max_step_tokens=budget)
+    short = make_req("short", 3)
+    planner.add(short)
+    assert [len(c.tokens) for c in planner.plan()] == [3]
+    short.output_ids.append(7)  # it decodes from now on
+    long = make_req("long", 6000)
+    planner.add(long)
+    chunks = planner.plan()
+    assert [(c.req.rid, len(c.tokens)) for c in chunks] == [("short", 1), ("long", 6000)]
+    # With a chunk size the same prompt is split, as before.
+    chunked = BatchPlanner(SlotAllocator(16384), max_running_requests=4,
+                           max_step_tokens=step_token_budget(2048, 2048, 8192, None, 4))
+    chunked.add(make_req("long", 6000))
+    assert [len(c.tokens) for c in chunked.plan()] == [2048]
+
+
+def test_refused_flags_name_the_reason_at_start_up(tiny_model_path):
+    from faser_sgl.launch_server import prepare_args
+
+    with pytest.raises(SystemExit, match="--schedule-policy lof is not supported by faser_sgl"):
+        prepare_args(["--model-path", tiny_model_path, "--schedule-policy", "lof"])
+    with pytest.raises(SystemExit, match="--schedule-conservativeness 1.3 is not supported"):
+        prepare_args(["--model-path", tiny_model_path, "--schedule-conservativeness", "1.3"])
+
+
+def test_ignored_flags_are_named_in_a_warning(tiny_model_path, capsys):
+    from faser_sgl.launch_server import prepare_args
+
+    prepare_args(["--model-path", tiny_model_path, "--cuda-graph-max-bs-decode", "8", "--schedule-policy", "lpm"])
+    err = capsys.readouterr().err
+    assert "--cuda-graph-max-bs-decode is ignored by faser_sgl" in err
+    assert "schedule-policy" not in err
+
+
+def test_lpm_admits_the_longest_cached_prefix_first_and_fcfs_keeps_arrival_order():
+    from faser_sgl.managers.prefix_cache import PrefixCache
+
+    shared = list(range(1, 41))
+    orders = {}
+    for policy in ("fcfs", "lpm"):
+        alloc = SlotAllocator(256)
+        cache = PrefixCache(alloc)
+        planner = BatchPlanner(alloc, max_running_requests=1, max_step_tokens=256, prefix_cache=cache,
+                               schedule_policy=policy)
+        first = Request(rid="first", http_worker_ipc=None, prompt_ids=shared, sampling=None, stream=False,
+                        stop=StopConditions(8, frozenset()))
+        planner.add(first)
+        planner.plan()
+        planner.release(first)  # its KV goes to the cache
+        assert cache.matched_len(shared + [99], 41) == 40
+        cold = make_req("cold", 30)
+        cold.prompt_ids = [500 + i for i in range(30)]
+        warm = Request(rid="warm", http_worker_ipc=None, prompt_ids=shared + [77, 78], sampling=None,
+                       stream=False, stop=StopConditions(8, frozenset()))
+        planner.add(cold)
+        planner.add(warm)
+        orders[policy] = [c.req.rid for c in planner.plan()]
+    assert orders == {"fcfs": ["cold"], "lpm": ["warm"]}
+    # Without the prefix cache there is nothing to match: SGLang falls back to fcfs, so do we.
+    assert BatchPlanner(SlotAllocator(8), 1, 8, None, schedule_policy="lpm").schedule_policy == "fcfs"
+    with pytest.raises(ValueError):
+        BatchPlanner(SlotAllocator(8), 1, 8, None, schedule_policy="lof")
+
+
+@pytest.fixture(scope="module")
+def flagged_server(tiny_model_path, tmp_path_factory):
+    """One server with the honoured flags SGLang's own tests pass, each checked below."""
+    from server_utils import start_server
+
+    server = start_server(tiny_model_path, tmp_path_factory.mktemp("flagged"),
+                          ["--max-total-tokens", "4096", "--chunked-prefill-size", "-1",
+                           "--schedule-policy", "lpm", "--max-running-requests", "2",
+                           "--stream-interval", "4"])
+    yield server
+    server.stop()
+
+
+def test_a_server_started_with_chunked_prefill_off_serves(flagged_server):
+    """SGLang's own test suite starts servers with --chunked-prefill-size -1: /health answered
+    503 and the first request waited forever."""
+    assert requests.get(flagged_server.base_url + "/health", timeout=30).status_code == 200
+    out = requests.post(flagged_server.base_url + "/generate", json={
+        "text": "def foo(x):" * 40, "sampling_params": {"max_new_tokens": 8, "temperature": 0}},
+        timeout=120)
+    assert out.status_code == 200, out.text
+    assert out.json()["meta_info"]["completion_tokens"] == 8
+    state = flagged_server.internal_state()
+    assert state["step_budget_tokens"] > state["context_length"]
+    assert state["schedule_policy"] == "lpm"
+
+
+def test_max_running_requests_bounds_the_batch(flagged_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i):
+        return requests.post(flagged_server.base_url + "/generate", json={
+            "input_ids": [3 + i, 5, 7, 9], "sampling_params": {
+                "max_new_tokens": 48, "temperature": 0, "ignore_eos": True}}, timeout=120)
+
+    running, waiting = [], []
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(one, i) for i in range(4)]
+        while not all(f.done() for f in futures):
+            state = flagged_server.internal_state()
+            running.append(state["num_running_reqs"])
+            waiting.append(state["num_waiting_reqs"])
+        assert all(f.result().status_code == 200 for f in futures)
+    assert max(running) == 2 and max(waiting) >= 1, (running, waiting)
+
+
+def test_stream_interval_sends_every_fourth_token(flagged_server):
+    from server_utils import stream_events
+
+    r = requests.post(flagged_server.base_url + "/generate", stream=True, json={
+        "input_ids": [3, 5, 7, 9], "stream": True,
+        "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}}, timeout=120)
+    events = stream_events(r)
+    counts = [len(e["output_ids"]) for e in events]
+    assert counts[-1] == 12 and len(counts) <= 4, counts
