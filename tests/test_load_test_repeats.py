@@ -265,3 +265,40 @@ def test_the_trace_can_run_beside_the_bursty_mmpp(tmp_path):
     text = files["report"].read_text()
     assert "![Bursty traffic (MMPP)](bursty.png)" in text and "![Recorded trace](trace.png)" in text
     assert "- Rerun of `none`: d2, `c2` (a reason)" in text  # a setting run again is named
+
+
+def test_interleave_cycles_through_the_settings_once_per_repeat(tmp_path, monkeypatch):
+    """--interleave: repeat 0 of every setting (each on its own server start), then repeat 1 of
+    every setting, so that a drift of the machine's speed lands on all settings alike; the
+    report says the run was interleaved."""
+    servers, sent = [], []
+
+    def start_server(argv, log_dir, timeout):
+        servers.append(FakeServer(argv))
+        return servers[-1]
+
+    def run_workload(base_url, workload, tokenizer, temperature, ignore_eos, progress, label):
+        sent.append((workload.arrivals_s, workload.prompts))
+        out = record("x", workload.name, workload.rate, None, 10.0, 1000.0,
+                     [f"t{i}" for i in range(workload.num_requests)])
+        del out["setting"]
+        return out
+
+    monkeypatch.setattr(cli, "start_server", start_server)
+    monkeypatch.setattr(cli, "run_workload", run_workload)
+    monkeypatch.setattr(cli, "describe_machine", lambda: "test machine")
+    monkeypatch.setattr(cli, "_tokenizer_for", lambda url: None)
+    monkeypatch.setattr(cli, "load_prompts", lambda *a: (["p1", "p2", "p3"], [3, 4, 5]))
+    args = parse_args(["--setting", "none=--speculative-policy none",
+                       "--setting", "k2=--speculative-policy fixed", "--repeats", "2", "--interleave",
+                       "--request-rates", "1,2", "--num-prompts", "2", "--bursty-num-prompts", "0",
+                       "--output-dir", str(tmp_path), "--no-progress"])
+    files = cli.run(args, [])
+    meta, results = report.read_json(files["json"])
+    order = [(r["setting"], r["repeat"], r["rate"]) for r in results]
+    assert order == [(s, rep, rate) for rep in range(2) for s in ("none", "k2") for rate in (1.0, 2.0)]
+    assert [s.argv[s.argv.index("--speculative-policy") + 1] for s in servers] == ["none", "fixed"] * 2
+    assert [s.kv_waits for s in servers] == [2, 2, 2, 2]
+    assert all(sent[i] == sent[i % 2] for i in range(len(sent)))
+    assert meta["interleave"] is True
+    assert "settings interleaved in time" in files["report"].read_text()

@@ -89,6 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--ignore-eos", action="store_true", help="always generate --output-len tokens")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--interleave", action="store_true",
+                   help="with --repeats: run repeat 0 of every setting (each on a fresh server), then "
+                        "repeat 1 of every setting, ..., so that a drift of the machine's speed during "
+                        "the run spreads over all settings instead of landing on whichever runs then")
     g.add_argument("--repeats", type=int, default=1,
                    help="run every workload this many times per server (repeat 0 of all workloads, then "
                         "repeat 1, ...), with the same prompts and arrivals; the report shows their mean "
@@ -191,10 +195,18 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Pa
         "baseline": args.baseline, "dataset": args.dataset, "max_prompt_len": args.max_prompt_len,
         "output_len": args.output_len, "temperature": args.temperature,
         "ignore_eos": args.ignore_eos, "seed": args.seed, "repeats": args.repeats,
+        "interleave": args.interleave,
     }
     results: list[dict] = []
     workloads = None
-    for name, server_args in meta["settings"].items():
+    # (setting, repeats run on one server start): all repeats on one server, or with --interleave
+    # one repeat per server start, cycling through the settings.
+    if args.interleave:
+        rounds = [(name, [repeat]) for repeat in range(args.repeats) for name in meta["settings"]]
+    else:
+        rounds = [(name, list(range(args.repeats))) for name in meta["settings"]]
+    for name, repeats in rounds:
+        server_args = meta["settings"][name]
         if args.base_url:
             server = Server(args.base_url.rstrip("/"), None, None)
         else:
@@ -209,7 +221,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Pa
                 workloads = build_workloads(args, prompts, lens)
             # All workloads once, then again: a slow drift of the machine (heat, a neighbour's
             # load) then spreads over every workload instead of biasing the last repeats of one.
-            for repeat in range(args.repeats):
+            for repeat in repeats:
                 for workload in workloads:
                     server.wait_kv_free(timeout=120)
                     server.flush_prefix_cache()  # every run starts cold, repeats included

@@ -297,14 +297,17 @@ def headline(results: list[dict], baseline_name: str) -> list[str]:
     return lines
 
 
-def _repeats_text(repeats: int) -> str:
+def _repeats_text(repeats: int, interleaved: bool = False) -> str:
     if repeats == 1:
         return ("- Each workload ran once per setting; prompts and arrival times are identical "
                 "across settings.")
-    return (f"- Repeats: every workload ran {repeats} times on each setting's server (all workloads "
-            "once, then again), with identical prompts and arrival times across repeats and "
-            "settings. The tables show the mean over the repeats and ratios of those means; a "
-            "spread column gives the runs' min-max and (max - min) / mean.")
+    order = ("settings interleaved in time: each repeat started every setting's server in turn and "
+             "ran all workloads on it, so that a drift of the machine's speed spreads over all "
+             "settings" if interleaved else
+             "on each setting's server (all workloads once, then again)")
+    return (f"- Repeats: every workload ran {repeats} times, {order}, with identical prompts and "
+            "arrival times across repeats and settings. The tables show the mean over the repeats "
+            "and ratios of those means; a spread column gives the runs' min-max and (max - min) / mean.")
 
 
 def write_markdown(path: Path, meta: dict, results: list[dict], images: dict[str, Path]) -> None:
@@ -327,7 +330,7 @@ def write_markdown(path: Path, meta: dict, results: list[dict], images: dict[str
         f"- Prompts: {meta['dataset']} ({meta['num_prompt_pool']} prompts of at most "
         f"{meta['max_prompt_len']} tokens), up to {meta['output_len']} new tokens each, "
         f"temperature {meta['temperature']}, EOS {'ignored' if meta['ignore_eos'] else 'honoured'}.",
-        _repeats_text(repeats),
+        _repeats_text(repeats, bool(meta.get("interleave"))),
         f"- Baseline for every ratio: `{baseline_name}`. Throughput ratio = setting / baseline; "
         "latency ratio = baseline / setting, so above 1.00x the setting is better either way.",
         "- Accept rate = accepted / drafted tokens; mean accept len = tokens emitted per "
