@@ -31,6 +31,8 @@ from pathlib import Path
 
 import requests
 
+from faser_sgl.sglang_flags import given
+
 # A dead local replica should leave the rotation in seconds, not the router's default minute.
 ROUTER_DEFAULTS = ["--health-check-interval-secs", "5", "--health-failure-threshold", "2"]
 
@@ -116,10 +118,6 @@ def split_cores(cores: list[int], replicas: int, per_replica: int | None = None)
             for i in range(replicas)]
 
 
-def _has_flag(argv: list[str], flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
-
-
 def _gpu_ids() -> list[str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible:
@@ -131,18 +129,18 @@ def _gpu_ids() -> list[str]:
 
 def build_replicas(args, server_argv: list[str], log_dir: Path) -> list[Process]:
     cores = split_cores(list(os.sched_getaffinity(0)), args.replicas, args.cores_per_replica)
-    on_gpu = "flashinfer" in server_argv and _has_flag(server_argv, "--faser-attention-backend")
+    on_gpu = "flashinfer" in server_argv and given(server_argv, "--faser-attention-backend")
     gpus = _gpu_ids() if on_gpu and args.replicas else []
     # Replicas on one machine's CPUs share the mapped checkpoint rather than hold a private copy
     # each, unless the flag (or its --no- form) is given explicitly.
     share_weights = not on_gpu and args.replicas >= 2 and not any(
-        _has_flag(server_argv, f) for f in ("--faser-share-weights-mmap", "--no-faser-share-weights-mmap"))
+        given(server_argv, f) for f in ("--faser-share-weights-mmap", "--no-faser-share-weights-mmap"))
     replicas = []
     for i in range(args.replicas):
         port = args.worker_base_port + i
         cmd = [sys.executable, "-m", "faser_sgl.launch_server", "--host", "127.0.0.1",
                "--port", str(port), *server_argv]
-        if not _has_flag(server_argv, "--faser-num-threads"):
+        if not given(server_argv, "--faser-num-threads"):
             cmd += ["--faser-num-threads", str(len(cores[i]))]
         if share_weights:
             cmd.append("--faser-share-weights-mmap")

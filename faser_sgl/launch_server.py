@@ -26,9 +26,6 @@ def split_argv(argv: list[str]) -> tuple[FaserOptions, list[str]]:
     return FaserOptions.from_cli_args(ours), rest
 
 
-_has_flag = given
-
-
 def _cuda_available() -> bool:
     try:
         import torch
@@ -44,7 +41,7 @@ def prepare_args(argv: list[str]):
         _print_help()
         raise SystemExit(0)
     options, rest = split_argv(argv)
-    if not _has_flag(rest, "--model-path") and not _has_flag(rest, "--model"):
+    if not given(rest, "--model-path") and not given(rest, "--model"):
         from faser_sgl import default_models
 
         if not default_models.is_ready(default_models.TARGET):
@@ -56,10 +53,10 @@ def prepare_args(argv: list[str]):
     on_cuda = options.attention_backend == "flashinfer"
     if on_cuda and not _cuda_available():
         raise SystemExit("--faser-attention-backend flashinfer needs a CUDA device")
-    if not _has_flag(rest, "--device"):
+    if not given(rest, "--device"):
         rest += ["--device", "cuda" if on_cuda else "cpu"]
     # SGLang's CUDA graphs capture its own ModelRunner, which we do not use.
-    if not _has_flag(rest, "--disable-cuda-graph"):
+    if not given(rest, "--disable-cuda-graph"):
         rest += ["--disable-cuda-graph"]
 
     from sglang.srt.server_args import prepare_server_args

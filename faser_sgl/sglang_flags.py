@@ -18,6 +18,7 @@ IGNORED = {
 
 
 def given(argv: list[str], flag: str) -> bool:
+    """Whether argv passes flag explicitly (``--flag value`` or ``--flag=value``)."""
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 

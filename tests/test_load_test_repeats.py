@@ -185,6 +185,16 @@ class FakeServer:
         pass
 
 
+def fake_cli(monkeypatch, start_server, run_workload) -> None:
+    """cli.run with these fake server starts and workload runs, and no machine, tokenizer or
+    dataset behind it."""
+    monkeypatch.setattr(cli, "start_server", start_server)
+    monkeypatch.setattr(cli, "run_workload", run_workload)
+    monkeypatch.setattr(cli, "describe_machine", lambda: "test machine")
+    monkeypatch.setattr(cli, "_tokenizer_for", lambda url: None)
+    monkeypatch.setattr(cli, "load_prompts", lambda *a: (["p1", "p2", "p3"], [3, 4, 5]))
+
+
 def test_run_repeats_every_workload_with_the_same_arrivals(tmp_path, monkeypatch):
     """cli.run against fake servers: repeat order, repeat indexes, a KV check before each run,
     the step file flag, and the trace workload replayed identically in every repeat."""
@@ -205,11 +215,7 @@ def test_run_repeats_every_workload_with_the_same_arrivals(tmp_path, monkeypatch
         del out["setting"]  # run_workload's records do not name their setting; cli adds it
         return out
 
-    monkeypatch.setattr(cli, "start_server", start_server)
-    monkeypatch.setattr(cli, "run_workload", run_workload)
-    monkeypatch.setattr(cli, "describe_machine", lambda: "test machine")
-    monkeypatch.setattr(cli, "_tokenizer_for", lambda url: None)
-    monkeypatch.setattr(cli, "load_prompts", lambda *a: (["p1", "p2", "p3"], [3, 4, 5]))
+    fake_cli(monkeypatch, start_server, run_workload)
     args = parse_args(["--setting", "none=--speculative-policy none",
                        "--setting", "k2=--speculative-policy fixed", "--repeats", "3", "--record-steps",
                        "--request-rates", "1,2", "--num-prompts", "2", "--bursty-num-prompts", "5",
@@ -284,11 +290,7 @@ def test_interleave_cycles_through_the_settings_once_per_repeat(tmp_path, monkey
         del out["setting"]
         return out
 
-    monkeypatch.setattr(cli, "start_server", start_server)
-    monkeypatch.setattr(cli, "run_workload", run_workload)
-    monkeypatch.setattr(cli, "describe_machine", lambda: "test machine")
-    monkeypatch.setattr(cli, "_tokenizer_for", lambda url: None)
-    monkeypatch.setattr(cli, "load_prompts", lambda *a: (["p1", "p2", "p3"], [3, 4, 5]))
+    fake_cli(monkeypatch, start_server, run_workload)
     args = parse_args(["--setting", "none=--speculative-policy none",
                        "--setting", "k2=--speculative-policy fixed", "--repeats", "2", "--interleave",
                        "--request-rates", "1,2", "--num-prompts", "2", "--bursty-num-prompts", "0",

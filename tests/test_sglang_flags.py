@@ -12,8 +12,10 @@ from faser_sgl.managers.step_budget import step_token_budget
 from faser_sgl.sim.settings import parse_setting
 
 
-def make_req(rid: str, prompt_len: int) -> Request:
-    return Request(rid=rid, http_worker_ipc=None, prompt_ids=list(range(1, prompt_len + 1)),
+def make_req(rid: str, prompt: int | list[int]) -> Request:
+    """prompt: the token ids, or a length (ids 1..n)."""
+    ids = list(range(1, prompt + 1)) if isinstance(prompt, int) else list(prompt)
+    return Request(rid=rid, http_worker_ipc=None, prompt_ids=ids,
                    stop=StopConditions(8, frozenset()), sampling=None, stream=False)
 
 
@@ -78,16 +80,13 @@ def test_lpm_admits_the_longest_cached_prefix_first_and_fcfs_keeps_arrival_order
         cache = PrefixCache(alloc)
         planner = BatchPlanner(alloc, max_running_requests=1, max_step_tokens=256, prefix_cache=cache,
                                schedule_policy=policy)
-        first = Request(rid="first", http_worker_ipc=None, prompt_ids=shared, sampling=None, stream=False,
-                        stop=StopConditions(8, frozenset()))
+        first = make_req("first", shared)
         planner.add(first)
         planner.plan()
         planner.release(first)  # its KV goes to the cache
         assert cache.matched_len(shared + [99], 41) == 40
-        cold = make_req("cold", 30)
-        cold.prompt_ids = [500 + i for i in range(30)]
-        warm = Request(rid="warm", http_worker_ipc=None, prompt_ids=shared + [77, 78], sampling=None,
-                       stream=False, stop=StopConditions(8, frozenset()))
+        cold = make_req("cold", [500 + i for i in range(30)])
+        warm = make_req("warm", shared + [77, 78])
         planner.add(cold)
         planner.add(warm)
         orders[policy] = [c.req.rid for c in planner.plan()]
