@@ -258,16 +258,17 @@ class Scheduler:
     # -- event loop --------------------------------------------------------------------------
     def run_forever(self, parent_pid: int) -> None:
         while not self.gracefully_exit:
-            busy = self.planner.has_work() or (self.faults is not None and self.faults.holding)
+            had_work = self.planner.has_work()
+            busy = had_work or (self.faults is not None and self.faults.holding)
             self.receive_messages(0 if busy else IDLE_POLL_MS)
+            if not had_work:
+                self.watchdog.idle()  # whatever work there is arrived just now: no wait yet
             if self.faults is not None:
                 for message in self.faults.due():
                     self.sockets.send_detokenizer(message)
             if self.planner.has_work():
                 self.step()
                 self._check_progress()
-            else:
-                self.watchdog.idle()
             if self.load_publisher is not None:
                 self.load_publisher.maybe_publish(self, self.planner.has_work())
             if not self.planner.has_work() and not psutil.pid_exists(parent_pid):
@@ -278,9 +279,8 @@ class Scheduler:
         """Work waited past the watchdog's deadline with no step run: progress_watchdog.py."""
         extra = self.options.speculative_num_draft_tokens if self.speculative else 0
         doomed = act_on_stall(self.watchdog, self.planner, extra)  # raises if none can be answered
-        for req in doomed:
-            self.stats["num_failed_requests"] += 1
         if doomed:
+            self.stats["num_failed_requests"] += len(doomed)
             self.send_outputs(doomed)
 
     def receive_messages(self, timeout_ms: int) -> None:
@@ -469,7 +469,6 @@ class Scheduler:
         if self.step_recorder is not None:
             self.step_recorder.begin()
         started = time.perf_counter()
-        started_monotonic = time.monotonic()
         try:
             new_tokens = self.generator.generate(chunks)
             self._preempted_last_step = new_tokens is None
@@ -488,7 +487,7 @@ class Scheduler:
             return
         self.stats["num_forward_steps"] += 1
         self._last_progress = time.monotonic()
-        self.watchdog.progressed(self._last_progress - started_monotonic)
+        self.watchdog.progressed(time.perf_counter() - started)
         verify_before = getattr(self.generator, "num_verify_steps", 0)
         generated_before = self.stats["num_generated_tokens"]
         finished_before = self.stats["num_finished_requests"]
