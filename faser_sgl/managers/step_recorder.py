@@ -15,7 +15,9 @@ A line::
 (the loop's socket reads and bookkeeping between steps), else null; ``passes``: in the order
 they ended (a pipelined step's draft and target passes overlap).  Speculative policies add
 ``predicted`` and ``predicted_no_draft``: their cost model's seconds for the step as chosen and
-for the same step without drafts, so that a wrong cost model shows itself beside ``wall``.
+for the same step without drafts, so that a wrong cost model shows itself beside ``wall``, and
+``choice``: per decode the draft length chosen (``k``), the tokens the draft model lagged behind
+(``lag``) and, for policies that estimate it, the acceptance estimate (``accept_est``).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class StepRecorder:
         self._passes = []  # (start-up calibration's passes, or a failed step's, are not this step's)
 
     def end(self, chunks, emitted: int, preempted: bool, still_busy: bool,
-            prediction: tuple[float, float] | None = None) -> None:
+            prediction: tuple[float, float] | None = None, choice: dict | None = None) -> None:
         """``prediction``: the speculative generator's (predicted seconds of the step as its
         policy chose it, of the same step without drafts), or None."""
         end = time.perf_counter()
@@ -61,6 +63,8 @@ class StepRecorder:
                 "emitted": emitted, "preempted": preempted}
         if prediction is not None:
             line["predicted"], line["predicted_no_draft"] = (round(x, 6) for x in prediction)
+        if choice is not None:
+            line["choice"] = choice
         self._last_end = end if still_busy else None
         try:
             self._file.write(json.dumps(line) + "\n")

@@ -194,6 +194,8 @@ class AdaptiveLength:
     POOL_DECAY = 0.99
     POOL_IDLE_DECAY = 0.95
     POOL_PRIOR_TRIALS = 10.0
+    # A new request opens this many standard errors above the population's rate (opening_rate).
+    OPENING_OPTIMISM = 1.0
 
     def __init__(self, max_draft_tokens: int, cost_profile: dict[str, tuple[float, float]] | None = None):
         """``cost_profile`` (see ``parse_cost_profile``) pins both cost curves to those lines:
@@ -257,16 +259,36 @@ class AdaptiveLength:
     #   stop all new evidence for good (seen: the server's 8-token warm-up request, 1 of 4
     #   drafts accepted, set a prior of 0.4 at which no request of a load run ever drafted).
     #   The requests' own idle fade keeps the constant PRIOR_RATE for the same reason.
+    # - A new request opens optimistic: at the population's rate plus OPENING_OPTIMISM standard
+    #   errors of it (opening_rate), which is wide while the evidence is thin or faded and
+    #   vanishes under a busy server's evidence.  Opening at the plain mean was a trap whenever
+    #   it sat below what drafting needs at the current load: then nobody drafted, so no
+    #   evidence came, and the fade only brought the mean back to PRIOR_RATE (0.7), where a
+    #   request that must first catch the draft model up over its prompt does not pay at 4 or
+    #   more decodes on a CPU.  Seen (2026-12-07, a fresh `faser` server at 1 req/s): the
+    #   warm-up request's rejected draft and the first request's set the mean to 0.42-0.6, and
+    #   not one of the next 180 steps drafted, on a workload that accepts ~0.9 per draft
+    #   (docs/benchmarks.md section 10).  With the optimism a stale or thin population is
+    #   probed at the first load where its upper estimate pays, and the probe's evidence
+    #   decides; a population that really accepts little is probed when its faded evidence
+    #   widens the bound again, at most every few tens of idle steps.
     def prior_rate(self) -> float:
+        """The population's recent acceptance (its decayed counts beside the pseudo-trials)."""
         successes, trials = self._pool
         return (successes + self.PRIOR_RATE * self.POOL_PRIOR_TRIALS) / (trials + self.POOL_PRIOR_TRIALS)
+
+    def opening_rate(self) -> float:
+        """A new request's prior: the population's rate plus OPENING_OPTIMISM standard errors."""
+        mean = self.prior_rate()
+        weight = self._pool[1] + self.POOL_PRIOR_TRIALS
+        return min(1.0, mean + self.OPENING_OPTIMISM * math.sqrt(mean * (1.0 - mean) / weight))
 
     def _counts(self, req: Request) -> tuple[float, float]:
         """The request's decayed (successes, trials), its prior's remaining pseudo-counts
         included; a request never observed (req.spec_accept_stats None) holds the prior alone,
         fixed at its first observation."""
         if req.spec_accept_stats is None:
-            return self.prior_rate() * self.PRIOR_TRIALS, self.PRIOR_TRIALS
+            return self.opening_rate() * self.PRIOR_TRIALS, self.PRIOR_TRIALS
         return req.spec_accept_stats
 
     def _set_counts(self, req: Request, successes: float, trials: float) -> None:

@@ -103,6 +103,9 @@ class SpeculativeGenerator:
         # records), since it prices the step twice more on every step.
         self.predict_steps = False
         self.last_prediction: tuple[float, float] | None = None
+        # The choice behind it (same readers): per decode, k chosen, the policy's acceptance
+        # estimate where it keeps one, and the tokens the draft model lags behind.
+        self.last_choice: dict | None = None
         self.num_plain_steps = 0
 
     # -- cost calibration --------------------------------------------------------------------
@@ -238,6 +241,7 @@ class SpeculativeGenerator:
             step_tokens + sum(lengths), sum(lengths))
         self.last_prediction = self._predict_step(decodes, lengths, step_tokens, catch_up) \
             if self.predict_steps else None
+        self.last_choice = self._describe_choice(decodes, lengths) if self.predict_steps else None
         return self._run_step(chunks, decodes, lengths, catch_up)
 
     def _predict_step(self, decodes: list[Request], lengths: list[int], step_tokens: int,
@@ -263,6 +267,14 @@ class SpeculativeGenerator:
         drafted = any(lengths)
         chosen += overhead(drafted, step_tokens + sum(lengths) if drafted else len(decodes))
         return chosen + self._predicted_scoring(lengths), target.predict(step_tokens) + overhead(False, len(decodes))
+
+    def _describe_choice(self, decodes: list[Request], lengths: list[int]) -> dict:
+        accept_rate = getattr(self.policy, "accept_rate", None)
+        choice = {"k": list(lengths),
+                  "lag": [len(r.kv_slots) - k - r.draft_cached for r, k in zip(decodes, lengths)]}
+        if accept_rate is not None:
+            choice["accept_est"] = [round(accept_rate(r), 3) for r in decodes]
+        return choice
 
     def _predicted_scoring(self, lengths: list[int]) -> float:
         """Early exit's measured scoring cost at this step's draft rows, if it scores them."""
