@@ -36,7 +36,8 @@ class OfflineEngine:
                  early_exit: bool | None = None, exit_options: dict | None = None,
                  frontier_size: int | None = 0, pipeline_split: int | None = None,
                  prefix_cache: bool = False, batch_table: str | None = None,
-                 batch_ema_config: str | None = None):
+                 batch_ema_config: str | None = None, schedule_conservativeness: float = 1.0,
+                 test_retract_interval: int = 0):
         """tokenizer: enables stop strings (make_request(stop=...)); sampling_scheme: how sampled
         requests draw, see faser_sgl.managers.request.uses_coupled_sampling.  early_exit: FASER's
         early exit in verification (None: on for the faser policy only); exit_options: keyword
@@ -45,7 +46,10 @@ class OfflineEngine:
         --faser-frontier-size / --faser-pipeline-split (0: serial steps, the default here;
         None: chosen per step).  prefix_cache: the server's radix prefix cache (on there unless
         --disable-radix-cache; off here by default so that runs do not depend on each other).
-        batch_table / batch_ema_config: as --faser-batch-table / --faser-batch-ema-config."""
+        batch_table / batch_ema_config: as --faser-batch-table / --faser-batch-ema-config.
+        schedule_conservativeness: as SGLang's flag (managers/decode_reservation.py).
+        test_retract_interval: retract a decoding request every that many steps (BatchPlanner),
+        for tests of what follows a retraction."""
         # kv_slots=None sizes the pool from mem_fraction of available memory, as the server does
         # without --max-total-tokens; with a draft, one budget covers both models' pools.
         self.speculative = draft_path is not None and policy != "none"
@@ -63,7 +67,9 @@ class OfflineEngine:
             from faser_sgl.managers.prefix_cache import PrefixCache
 
             self.prefix_cache = PrefixCache(self.runner.allocator)
-        self.planner = BatchPlanner(self.runner.allocator, max_running, max_step_tokens, self.prefix_cache)
+        self.planner = BatchPlanner(self.runner.allocator, max_running, max_step_tokens, self.prefix_cache,
+                                    conservativeness=schedule_conservativeness,
+                                    test_retract_interval=test_retract_interval)
         self.stop_checker = StopChecker(tokenizer)
         # cost_profile: as --speculative-cost-profile (adaptive policy only).
         self.policy = make_policy(policy if self.speculative else "none", num_draft_tokens,

@@ -32,10 +32,8 @@ def check_server_args(server_args, argv: list[str]) -> list[str]:
         raise SystemExit(f"--schedule-policy {policy} is not supported by faser_sgl: it schedules "
                          f"{' or '.join(BatchPlanner.SCHEDULE_POLICIES)} (lpm: longest cached prefix first)")
     conservativeness = server_args.schedule_conservativeness
-    if conservativeness is not None and conservativeness != 1.0:
-        raise SystemExit(f"--schedule-conservativeness {conservativeness} is not supported by faser_sgl: "
-                         "admission does not reserve room for the running requests' future tokens "
-                         "yet, so there is no reservation for it to scale")
+    if conservativeness is not None and not conservativeness >= 0:
+        raise SystemExit(f"--schedule-conservativeness must be >= 0, got {conservativeness}")
     for flag, reason in refused_features(server_args):
         raise SystemExit(f"{flag} is not supported by faser_sgl: {reason}")
     return [f"{flag} is ignored by faser_sgl: {why}" for flag, why in IGNORED.items() if given(argv, flag)]

@@ -66,7 +66,8 @@ def test_concurrent_requests_tight_pool_and_aborts(tiny_model_path, partial_draf
     ref_reqs = [ref_engine.make_request(p, 20, temperature=0.0, logprobs=lp) for p in prompts]
     ref = ref_engine.run(ref_reqs)
     engine = OfflineEngine(tiny_model_path, partial_draft_path, policy="fixed", num_draft_tokens=3,
-                           kv_slots=160, max_running=8, prefix_cache=True)
+                           kv_slots=160, max_running=8, prefix_cache=True,
+                           test_retract_interval=3)  # admission avoids retraction; force some
     reqs = [engine.make_request(p, 20, temperature=0.0, logprobs=lp) for p in prompts]
     for r in reqs:
         engine.planner.add(r)

@@ -57,8 +57,8 @@ def test_refused_flags_name_the_reason_at_start_up(tiny_model_path):
 
     with pytest.raises(SystemExit, match="--schedule-policy lof is not supported by faser_sgl"):
         prepare_args(["--model-path", tiny_model_path, "--schedule-policy", "lof"])
-    with pytest.raises(SystemExit, match="--schedule-conservativeness 1.3 is not supported"):
-        prepare_args(["--model-path", tiny_model_path, "--schedule-conservativeness", "1.3"])
+    with pytest.raises(SystemExit, match="--schedule-conservativeness must be >= 0, got -1"):
+        prepare_args(["--model-path", tiny_model_path, "--schedule-conservativeness", "-1"])
 
 
 def test_ignored_flags_are_named_in_a_warning(tiny_model_path, capsys):

@@ -17,11 +17,21 @@ from faser_sgl.bench.soak_monitor import rss_verdicts
 from faser_sgl.bench.soak_report import render_memory_svg
 
 # A small pool and 4 running requests: each burst (12 long requests) overflows both, so the
-# scheduler must queue and retract. A fresh scheduler's RSS climbs for its first half minute or
+# scheduler must queue. Admission keeps room for decoding (managers/decode_reservation.py), so
+# retraction has become rare; SGLang's own test switch (SGLANG_TEST_RETRACT, every
+# RETRACT_INTERVAL steps) makes the servers retract under this traffic anyway. A fresh scheduler's RSS climbs for its first half minute or
 # so of traffic (allocator and caches filling; it levels off in longer runs), hence 20 s of
 # warm-up before the 25 s whose memory must stay flat. About 80 s per server on two cores,
 # half of it the server's start-up.
 SERVER_ARGS = ["--max-total-tokens", "1024", "--max-running-requests", "4"]
+RETRACT_INTERVAL = "40"
+
+
+@pytest.fixture
+def forced_retraction(monkeypatch):
+    """The servers started in the test inherit SGLang's retraction test switch."""
+    monkeypatch.setenv("SGLANG_TEST_RETRACT", "1")
+    monkeypatch.setenv("SGLANG_TEST_RETRACT_INTERVAL", RETRACT_INTERVAL)
 # In a 25 s window one-time allocations (allocator arenas after the fuzzer's multi-MiB bodies,
 # first use of a code path) can still move a process by ~200 MiB (seen once in CI: the launcher
 # +215 MiB), so the short soak catches gross leaks only (512 MiB); the 30-minute soak of
@@ -49,7 +59,7 @@ def assert_clean_soak(report, out_dir) -> None:
     assert ET.parse(out_dir / "memory.svg").getroot().tag.endswith("svg")
 
 
-def test_soak_target_only(tiny_model_path, tmp_path):
+def test_soak_target_only(tiny_model_path, tmp_path, forced_retraction):
     """--url mode against a server started here, its pid given for the RSS samples."""
     from server_utils import start_server
 
@@ -63,7 +73,7 @@ def test_soak_target_only(tiny_model_path, tmp_path):
     assert report.summary["server"]["speculative_policy"] == "none"
 
 
-def test_soak_speculative(tiny_model_path, partial_draft_path, tmp_path):
+def test_soak_speculative(tiny_model_path, partial_draft_path, tmp_path, forced_retraction):
     """The soak starting (and stopping) its own speculative server: draft rollback, retraction
     and aborts all mixed."""
     report = run_soak(SoakConfig(server_args=[

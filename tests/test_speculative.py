@@ -72,7 +72,8 @@ def test_randomized_accepts_rejects_aborts_stops_free_every_slot(pair, partial_d
     target, _ = pair
     rng = random.Random(7)
     ref = Engine(target, None)
-    spec = Engine(target, partial_draft_path, k=6, slots=90, max_running=6)
+    spec = Engine(target, partial_draft_path, k=6, slots=90, max_running=6,
+                  test_retract_interval=3)  # admission avoids retraction; force some
     for _round in range(3):
         prompts = [[rng.randrange(3, 250) for _ in range(rng.randrange(1, 30))] for _ in range(10)]
         limits = [rng.randrange(1, 30) for _ in prompts]

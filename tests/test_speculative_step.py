@@ -116,7 +116,8 @@ def test_retraction_resets_the_draft_and_its_catch_up_is_chunked_too(target, par
     prompts = [[(i * 13 + j * 7) % 400 + 3 for j in range(40)] for i in range(4)]
     reference = Engine(target, None, max_step_tokens=budget)
     expected = reference.run([reference.make_request(p, 30, temperature=0) for p in prompts])
-    engine = Engine(target, partial_draft_path, k=3, slots=150, max_running=4, max_step_tokens=budget)
+    engine = Engine(target, partial_draft_path, k=3, slots=150, max_running=4, max_step_tokens=budget,
+                    test_retract_interval=3)  # admission avoids retraction; force some
     draft_passes: list[int] = []
     forward = engine.generator.draft.forward
     engine.generator.draft.forward = lambda feeds, slots: draft_passes.append(sum(map(len, feeds))) or forward(feeds, slots)

@@ -9,6 +9,10 @@ queue, to be recomputed from prompt + output later (its output so far is kept an
 streamed).  Requests are validated on entry so that any single one fits the pool alone, which
 makes retraction always able to make progress.
 
+Admission keeps room for what the running requests will still decode (SGLang's
+new_token_ratio, managers/decode_reservation.py), so that retraction stays the exception under
+bursts rather than the way a full pool is discovered.
+
 With a prefix cache (managers/prefix_cache.py), admission first takes the longest cached prefix
 of the request's tokens (its slots are shared and locked, not copied), and a request that
 finishes, is aborted or is retracted hands its KV to the cache instead of freeing it; the cache
@@ -20,6 +24,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from faser_sgl.managers.decode_reservation import DecodeReservation
 from faser_sgl.managers.request import Request
 
 
@@ -38,7 +43,11 @@ class BatchPlanner:
     LPM_MAX_WAITING = 128
 
     def __init__(self, allocator, max_running_requests: int, max_step_tokens: int, prefix_cache=None,
-                 schedule_policy: str = "fcfs"):
+                 schedule_policy: str = "fcfs", conservativeness: float = 1.0, test_retract_interval: int = 0):
+        """test_retract_interval N > 0: every N-th plan retracts the newest of two or more decoding
+        requests, whatever room is left (SGLang's SGLANG_TEST_RETRACT / _INTERVAL): admission
+        that keeps room for decoding makes a real retraction rare, and tests of what follows one
+        must still see it."""
         if schedule_policy not in self.SCHEDULE_POLICIES:
             raise ValueError(f"schedule policy {schedule_policy!r} is not one of {self.SCHEDULE_POLICIES}")
         self.allocator = allocator
@@ -49,6 +58,9 @@ class BatchPlanner:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_retractions = 0
+        self.reservation = DecodeReservation(conservativeness)
+        self.test_retract_interval = test_retract_interval
+        self._num_plans = 0
 
     # -- queue bookkeeping -------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -85,6 +97,13 @@ class BatchPlanner:
         the caller, the planner only keeps that much headroom when admitting.
         """
         self._admit(extra_slots_per_decode)
+        retractions_before = self.num_retractions
+        self._num_plans += 1
+        if self.test_retract_interval > 0 and self._num_plans % self.test_retract_interval == 0:
+            decoding = [r for r in self.running if r.num_uncached == 1]
+            if len(decoding) >= 2:
+                self.retract(decoding[-1])
+                self.reservation.retracted(self.running)
         budget = self.max_step_tokens
         chunks: list[ScheduledChunk] = []
         decoding = [r for r in self.running if r.num_uncached == 1]
@@ -109,16 +128,28 @@ class BatchPlanner:
                 break
             chunks.append(ScheduledChunk(req, pending[:take], needs_logits=take == len(pending)))
             budget -= take
+        if self.num_retractions == retractions_before and any(len(c.tokens) == 1 and c.needs_logits for c in chunks):
+            self.reservation.decoded_without_retraction()
         return chunks
 
-    def would_admit(self, num_tokens: int, extra_slots_per_decode: int) -> bool:
-        """Whether a new request of num_tokens prompt tokens would be admitted at the next plan
-        (nothing waits before it, and it fits beside the running requests' headroom)."""
+    def would_admit(self, num_tokens: int, extra_slots_per_decode: int, max_new_tokens: int = 0) -> bool:
+        """Whether a new request of num_tokens prompt tokens (and max_new_tokens to generate)
+        would be admitted at the next plan: nothing waits before it, its first chunk fits beside
+        the running requests' headroom, and it fits beside what they keep for decoding."""
         if self.waiting or len(self.running) >= self.max_running_requests:
             return False
         first_chunk = min(num_tokens, self.max_step_tokens - len(self.running))
         headroom = len(self.running) * (1 + extra_slots_per_decode)
-        return first_chunk > 0 and self.allocator.num_available >= first_chunk + headroom
+        if first_chunk <= 0 or self.allocator.num_available < first_chunk + headroom:
+            return False
+        needed = num_tokens + min(max_new_tokens, DecodeReservation.CLIP_MAX_NEW_TOKENS)
+        return not self.running or needed < self.allocator.num_available - self._kept_for_running(extra_slots_per_decode)
+
+    def _kept_for_running(self, extra_slots_per_decode: int) -> float:
+        """Slots the running requests will still take: their uncached tokens, their draft
+        headroom, and the reserved share of their remaining output."""
+        return sum(r.num_uncached + extra_slots_per_decode + self.reservation.future_tokens(r)
+                   for r in self.running)
 
     def describe(self) -> dict:
         """The state the progress watchdog logs when nothing could be planned for too long."""
@@ -126,7 +157,8 @@ class BatchPlanner:
                 "free_slots": self.allocator.num_available, "pool_slots": self.allocator.num_total,
                 "step_budget_tokens": self.max_step_tokens,
                 "max_running_requests": self.max_running_requests,
-                "retractions": self.num_retractions}
+                "retractions": self.num_retractions,
+                "new_token_ratio": round(self.reservation.ratio, 4)}
 
     def why_never_admitted(self, req: Request, extra_slots_per_decode: int = 0) -> str | None:
         """Why ``req`` could not start even with nothing else running, or None if it could: what
@@ -160,6 +192,7 @@ class BatchPlanner:
     def _admit(self, extra_slots_per_decode: int) -> None:
         self._order_waiting()
         budget = self.max_step_tokens - len(self.running)
+        kept = self._kept_for_running(extra_slots_per_decode)
         while self.waiting and len(self.running) < self.max_running_requests and budget > 0:
             req = self._next_admissible()
             if req is None:
@@ -172,9 +205,17 @@ class BatchPlanner:
                 # It keeps its matched prefix (locked) while it waits: the cache's hit counts
                 # stay one lookup per admission, and the prefix it will need is not evicted.
                 break
+            # Its whole prompt and output budget must fit beside what the running requests keep
+            # (SGLang admits against the whole budget too; the ratio applies once it runs).  With
+            # nothing running it starts anyway: validated requests fit the pool alone.
+            needed = self.reservation.new_request_tokens(req) + extra_slots_per_decode
+            # (num_available counts the slots the prefix cache would give back.)
+            if self.running and needed >= self.allocator.num_available - kept:
+                break
             self.waiting.remove(req)
             self.running.append(req)
             budget -= first_chunk
+            kept += needed
 
     def _reserve(self, req: Request, n: int, protect: list[ScheduledChunk]) -> bool:
         """Allocate n slots for req, retracting later arrivals if the pool is dry."""
@@ -190,6 +231,7 @@ class BatchPlanner:
             if victim is None:
                 return False
             self.retract(victim)
+            self.reservation.retracted(self.running)
 
     def _unlock_waiting_prefixes(self) -> bool:
         """Let waiting requests drop the cached prefixes they hold locked (they match again at

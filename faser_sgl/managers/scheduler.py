@@ -23,6 +23,7 @@ from faser_sgl.executor.device import indexed_device, is_cuda
 from faser_sgl.managers import faults, server_state
 from faser_sgl.managers.batch_planner import BatchPlanner
 from faser_sgl.managers.control import ControlHandler
+from faser_sgl.managers.decode_reservation import test_retract_interval
 from faser_sgl.managers.grammar import GrammarBackend, GrammarError
 from faser_sgl.managers.logprobs import make_state as make_logprob_state
 from faser_sgl.managers.logprobs import start_input as start_input_logprobs
@@ -161,6 +162,9 @@ class Scheduler:
                                               self.max_running_requests),
             prefix_cache=self.prefix_cache,
             schedule_policy=server_args.schedule_policy or "fcfs",
+            conservativeness=server_args.schedule_conservativeness
+            if server_args.schedule_conservativeness is not None else 1.0,
+            test_retract_interval=test_retract_interval(),
         )
         self.sampler = Sampler()
         self.stop_checker = StopChecker(self.tokenizer)
@@ -306,8 +310,9 @@ class Scheduler:
         for msg, _ in received:
             items = msg.batch if isinstance(msg, io_struct.BatchTokenizedGenerateReqInput) else [msg]
             for item in items:
+                max_new = getattr(getattr(item, "sampling_params", None), "max_new_tokens", None) or 0
                 if isinstance(item, io_struct.TokenizedGenerateReqInput) and \
-                        self.planner.would_admit(len(item.input_ids or ()), extra):
+                        self.planner.would_admit(len(item.input_ids or ()), extra, max_new):
                     return True
         return False
 
@@ -517,7 +522,8 @@ class Scheduler:
                 self.metrics.observe_prediction(time.perf_counter() - started, prediction[0])
         if self.step_recorder is not None:
             self.step_recorder.end(chunks, self.stats["num_generated_tokens"] - generated_before,
-                                   False, self.planner.has_work(), prediction)
+                                   False, self.planner.has_work(), prediction,
+                                   getattr(self.generator, "last_choice", None))
 
     def _recover_from_failed_step(self, involved: list[Request]) -> None:
         """A failed pass must not take the server down, nor fail requests that merely shared
