@@ -470,6 +470,26 @@ def test_steps_go_unscored_where_no_prune_can_pay(target, partial_draft_path, ta
     assert seen["cheap-rows"]["draft_rows"] < seen["dear-rows"]["draft_rows"]
 
 
+def test_scoring_stops_where_prunes_could_pay_but_none_happen(target, partial_draft_path, target_only):
+    """Dear target rows, so a prune could pay, but a threshold at which nothing is ever pruned:
+    the share of scored rows pruned falls from its prior towards 0, and drafting steps go
+    unscored apart from probes (on the embedded pair's CPU steps not one row of 1,767 scored
+    was pruned in a load run, while every scored step paid for scoring)."""
+    from faser_sgl.speculative.adaptive import AdaptiveLength, parse_cost_profile
+
+    engine = StepTimedEngine(target, partial_draft_path, k=4, early_exit=True, exit_options={
+        "layers": "1,2", "threshold": 1e9, "diagnostic": False, "draft_prob": LENS_ONLY})
+    verifier = engine.generator.early_exit
+    verifier.cost_model = AdaptiveLength(4, parse_cost_profile("target=1+2,draft=1+0.1"))
+    prior_share = verifier.prune_share()
+    reqs = [engine.make_request(p, 40, temperature=0) for p in PROMPTS]
+    assert [o[:20] for o in engine.run(reqs)] == target_only
+    stats = verifier.stats.as_dict()
+    assert stats["rows_pruned"] == 0 and stats["scored_steps"] >= 1
+    assert verifier.prune_share() < prior_share / 4
+    assert stats["unscored_steps"] > 0, stats
+
+
 def test_scoring_is_kept_out_of_the_target_pass_cost(target, partial_draft_path):
     """The seconds spent deciding at exit layers are taken out of the verification pass's time
     (the target's cost curve prices layers only) and handed to the step's scoring cost."""

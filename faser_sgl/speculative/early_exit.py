@@ -66,7 +66,11 @@ drafts are scored only when they might (``worth_scoring``): decided before draft
 step's shape alone (its rows and draft rows, the target's cost curve and the measured cost of
 scoring), so it says nothing about any draft token and cannot touch losslessness.  While it
 says no, one drafting step in ``PROBE_EVERY`` is scored anyway, so that the cost of scoring and
-the calibration stay measured.
+the calibration stay measured.  The bound is weighed by the share of scored draft rows that
+prunes actually removed lately (``prune_share``, from a prior of PRUNE_PRIOR_SHARE): a bound that
+only says a prune *could* pay kept the embedded pair's steps scored on a CPU where not one row
+of 1,767 scored was pruned in a whole load run (2026-12-07 16:24 UTC, docs/benchmarks.md),
+~9 ms of every drafting step for nothing.
 
 Pruned positions' full-depth verdict of d_j is known after the pass, so every prune is labelled
 right or wrong for free (``ExitStats``); a diagnostic mode runs full depth and only records what
@@ -250,6 +254,11 @@ class EarlyExitVerifier:
 
     # While no prune can pay, every this many drafting steps one is scored all the same.
     PROBE_EVERY = 16
+    # Share of scored draft rows pruned: the prior (as rows at a share) and the decay of the
+    # counts per scored pass (the last ~50 passes count).
+    PRUNE_PRIOR_SHARE = 0.25
+    PRUNE_PRIOR_ROWS = 32.0
+    PRUNE_DECAY = 0.98
 
     def __init__(self, runner, config: ExitConfig, predictor: LensPredictor | None = None,
                  cost_model=None):
@@ -270,6 +279,7 @@ class EarlyExitVerifier:
         self.scoring_cost = CostCurve(0.0, 0.0)
         self._pass_scoring_s = 0.0
         self._unscored_run = 0  # drafting steps left unscored since the last scored one
+        self._pruned_rows, self._scored_rows = 0.0, 0.0  # decayed, for prune_share
         # Diagnostic mode keeps every scored token as (layer, j, margin, draft prob, rejected,
         # first rejection of its run), so that other thresholds can be evaluated afterwards.
         self.records: list[tuple[int, int, float, float | None, bool, bool]] = []
@@ -292,7 +302,9 @@ class EarlyExitVerifier:
         attn.begin_forward(batch)
         hidden = model.embed(batch.input_ids)
         cos, sin = model.rope(batch, hidden.dtype)
-        self.stats.draft_rows += sum(v.num_drafts for v in verifications)
+        scored_rows = sum(v.num_drafts for v in verifications)
+        self.stats.draft_rows += scored_rows
+        pruned_before = sum(layer.rows_pruned for layer in self.stats.layers.values())
         start = 0
         for layer in self.config.layers:
             hidden = model.forward_layers(hidden, batch, kv, attn, start, layer, (cos, sin))
@@ -307,7 +319,18 @@ class EarlyExitVerifier:
                 attn.begin_forward(batch)
             self._pass_scoring_s += time.perf_counter() - scoring_start
         hidden = model.forward_layers(hidden, batch, kv, attn, start, model.num_layers, (cos, sin))
+        pruned = sum(layer.rows_pruned for layer in self.stats.layers.values()) - pruned_before
+        self._observe_prunes(scored_rows, pruned)
         return model.compute_logits(hidden[batch.logits_indices])
+
+    def _observe_prunes(self, scored_rows: int, pruned_rows: int) -> None:
+        self._scored_rows = self._scored_rows * self.PRUNE_DECAY + scored_rows
+        self._pruned_rows = self._pruned_rows * self.PRUNE_DECAY + min(pruned_rows, scored_rows)
+
+    def prune_share(self) -> float:
+        """Share of recently scored draft rows that prunes removed, beside the prior."""
+        prior = self.PRUNE_PRIOR_ROWS
+        return (self._pruned_rows + self.PRUNE_PRIOR_SHARE * prior) / (self._scored_rows + prior)
 
     def worth_scoring(self, step_rows: int, draft_rows: int) -> bool:
         """Whether to score the drafts of a step whose target pass will carry ``step_rows``
@@ -315,8 +338,9 @@ class EarlyExitVerifier:
 
         No prune can save more than every draft row's share of the layers after the first exit
         layer, and none at all where that is free: that bound, priced on the target's cost
-        curve, against what scoring costs at this many draft rows (measured; unmeasured, it is
-        scored and so measured).  Without a cost model (fixed K prunes the first predicted
+        curve and weighed by the share of recently scored rows that prunes removed
+        (``prune_share``), against what scoring costs at this many draft rows (measured;
+        unmeasured, it is scored and so measured).  Without a cost model (fixed K prunes the first predicted
         rejection) and in diagnostics, every step is scored."""
         if draft_rows <= 0:
             return False
@@ -326,7 +350,7 @@ class EarlyExitVerifier:
         num_layers = self.runner.model.num_layers
         share = (num_layers - self.config.layers[0]) / num_layers
         best_saving = (curve.predict(step_rows) - curve.predict(step_rows - draft_rows)) * share
-        if best_saving > self.scoring_cost.predict(draft_rows):
+        if best_saving * self.prune_share() > self.scoring_cost.predict(draft_rows):
             self._unscored_run = 0
             return True
         self._unscored_run += 1
