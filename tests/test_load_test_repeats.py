@@ -157,6 +157,11 @@ def test_record_steps_adds_the_flag_to_each_server(tmp_path):
     assert argv == ["--model-path", "m", "--speculative-policy", "fixed",
                     "--faser-record-steps", str(tmp_path / "steps" / "a_b.jsonl")]
     assert not stale.exists()  # the recorder appends: an earlier run's lines must not mix in
+    # The same setting's next server start in this run (--interleave: one per repeat) keeps
+    # what the first wrote.
+    stale.write_text("repeat 0\n")
+    cli.server_command("--model-path m", "a/b", tmp_path, True, first_start=False)
+    assert stale.read_text() == "repeat 0\n"
     assert cli.server_command("--model-path m", "a", tmp_path, False) == ["--model-path", "m"]
 
 

@@ -167,15 +167,18 @@ def _tokenizer_for(base_url: str):
     return AutoTokenizer.from_pretrained(info["tokenizer_path"] or info["model_path"])
 
 
-def server_command(server_args: str, name: str, out_dir: Path, record_steps: bool) -> list[str]:
+def server_command(server_args: str, name: str, out_dir: Path, record_steps: bool,
+                   first_start: bool = True) -> list[str]:
     """A setting's server arguments, plus its step file with ``record_steps``.  The recorder
-    appends, so a file left by an earlier run into the same directory is removed first: the
-    report must describe this run's steps only."""
+    appends, so a file left by an earlier run into the same directory is removed at the
+    setting's first server start: the report must describe this run's steps only, all of them
+    (with --interleave a setting's server starts once per repeat, and each appends)."""
     argv = shlex.split(server_args)
     if record_steps:
         path = report_costmodel.steps_path(out_dir, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.unlink(missing_ok=True)
+        if first_start:
+            path.unlink(missing_ok=True)
         argv += ["--faser-record-steps", str(path)]
     return argv
 
@@ -205,14 +208,17 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Pa
         rounds = [(name, [repeat]) for repeat in range(args.repeats) for name in meta["settings"]]
     else:
         rounds = [(name, list(range(args.repeats))) for name in meta["settings"]]
+    started_settings: set[str] = set()
     for name, repeats in rounds:
         server_args = meta["settings"][name]
         if args.base_url:
             server = Server(args.base_url.rstrip("/"), None, None)
         else:
             print(f"[bench] starting server for {name}: {server_args}", flush=True)
-            server = start_server(server_command(server_args, name, out_dir, args.record_steps),
+            server = start_server(server_command(server_args, name, out_dir, args.record_steps,
+                                                 first_start=name not in started_settings),
                                   out_dir / "logs" / name, args.server_timeout)
+            started_settings.add(name)
         try:
             if workloads is None:
                 tokenizer = _tokenizer_for(server.base_url)
