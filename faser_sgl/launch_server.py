@@ -64,6 +64,8 @@ def prepare_args(argv: list[str]):
     server_args = prepare_server_args(rest)
     for warning in check_server_args(server_args, rest):
         print(f"warning: {warning}", file=sys.stderr)
+    if given(rest, "--mem-fraction-static"):
+        options.mem_fraction_static = server_args.mem_fraction_static
     if (server_args.dp_size or 1) > 1:
         # SGLang's data-parallel controller would start its own schedulers, not ours.
         raise SystemExit(

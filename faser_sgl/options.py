@@ -27,6 +27,10 @@ class FaserOptions:
     # KV slots of the pool on a CPU when --max-total-tokens is not given (a GPU sizes its pool
     # from the memory left after loading the weights).
     default_kv_slots: int = 32768
+    # SGLang's --mem-fraction-static when given (launch_server sets it; None: not given, since
+    # SGLang fills in a default of its own): weights + KV pools take this share of the device's
+    # memory (executor/model_runner.py).  --max-total-tokens still wins.
+    mem_fraction_static: float | None = None
     # Tokens a single forward pass may process (prefill chunks + decode tokens).
     max_step_tokens: int = 2048
     # Non-streaming requests still send their ids to the detokenizer every this many tokens,

@@ -12,8 +12,6 @@ IGNORED = {
     **{flag: "this executor does not capture CUDA graphs yet"
        for flag in ("--cuda-graph-max-bs-decode", "--cuda-graph-max-bs-prefill",
                     "--cuda-graph-bs-decode", "--cuda-graph-bs-prefill")},
-    "--mem-fraction-static": "the KV pool is --max-total-tokens slots, or on a GPU 80% of the "
-                             "memory left after the weights, on a CPU a fixed 32768 slots",
 }
 
 
@@ -34,6 +32,9 @@ def check_server_args(server_args, argv: list[str]) -> list[str]:
     conservativeness = server_args.schedule_conservativeness
     if conservativeness is not None and not conservativeness >= 0:
         raise SystemExit(f"--schedule-conservativeness must be >= 0, got {conservativeness}")
+    fraction = server_args.mem_fraction_static
+    if given(argv, "--mem-fraction-static") and not (fraction is not None and 0 < fraction <= 1):
+        raise SystemExit(f"--mem-fraction-static must be in (0, 1], got {fraction}")
     for flag, reason in refused_features(server_args):
         raise SystemExit(f"{flag} is not supported by faser_sgl: {reason}")
     return [f"{flag} is ignored by faser_sgl: {why}" for flag, why in IGNORED.items() if given(argv, flag)]

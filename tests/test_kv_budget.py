@@ -133,3 +133,19 @@ def test_scheduler_builds_both_pools_from_one_budget(pair, fixed_ram):
     assert scheduler.pool_size == draft.allocator.num_total
     assert fixed_ram == [2]
     assert draft.dtype == scheduler.runner.dtype == torch.float32
+
+
+def test_mem_fraction_static_is_sglangs_share_of_the_whole_memory(pair, fixed_ram, monkeypatch):
+    """SGLang's --mem-fraction-static F: the weights and the pools take F of the whole memory, so
+    the pools (one budget for target and draft) get what is free after loading less (1 - F) of
+    the total; an F that leaves nothing is an error naming the figures."""
+    monkeypatch.setattr(model_runner, "_total_ram", lambda: 2 * AVAILABLE)
+    draft = ModelRunner(pair[1], defer_kv=True)
+    target = ModelRunner(pair[0], mem_fraction_static=0.8, draft=draft)
+    budget = AVAILABLE - (1 - 0.8) * 2 * AVAILABLE
+    assert target.num_kv_slots == int(budget) // (per_token(target) + per_token(draft))
+    assert target.num_kv_slots != int(FRACTION * AVAILABLE) // (per_token(target) + per_token(draft))
+    with pytest.raises(RuntimeError, match="40% of .* GiB for weights and KV"):
+        ModelRunner(pair[0], mem_fraction_static=0.4)
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
+        ModelRunner(pair[0], mem_fraction_static=1.5)

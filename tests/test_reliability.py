@@ -183,9 +183,11 @@ def test_sigterm_aborts_what_outlives_the_timeout(tiny_model_path, tmp_path):
         server.stop()
 
 
-def test_planner_runs_at_most_one_suspect_and_lets_others_pass():
-    """After a failed batch its requests are suspects: the planner admits one at a time, and
-    requests behind a waiting suspect are not held up by it."""
+def test_planner_runs_a_suspect_alone_until_it_is_cleared():
+    """After a failed batch its requests are suspects: each runs in a batch of its own through
+    its recomputation and a decode step (the scheduler then clears it), so that a failure names
+    the faulty request whatever else is in flight; a fresh request admitted meanwhile runs
+    beside the others once no suspect runs."""
     from faser_sgl.executor.kv_cache import SlotAllocator
     from faser_sgl.managers.batch_planner import BatchPlanner
     from faser_sgl.managers.request import Request, StopConditions
@@ -207,9 +209,19 @@ def test_planner_runs_at_most_one_suspect_and_lets_others_pass():
     fresh = req("fresh")
     planner.add(fresh)
     chunks = planner.plan()
-    assert [ch.req for ch in chunks] == [a, fresh]  # one suspect, and the fresh one passes b, c
-    planner.release(a)
-    assert [ch.req for ch in planner.plan()][-1] == b and c in planner.waiting
+    assert [ch.req for ch in chunks] == [a] and chunks[0].needs_logits  # a alone, whole
+    assert fresh in planner.running  # admitted past the waiting suspects, but waits for a
+    a.suspect = False  # its passes succeeded through a decode step (what Scheduler.step does)
+    a.output_ids.append(5)
+    chunks = planner.plan()
+    assert [ch.req for ch in chunks] == [b]  # the next suspect, alone
+    b.suspect = False
+    b.output_ids.append(5)
+    chunks = planner.plan()
+    assert [ch.req for ch in chunks] == [c]
+    c.suspect = False
+    c.output_ids.append(5)
+    assert {ch.req for ch in planner.plan()} == {a, b, c, fresh}
 
 
 def test_prefills_that_fill_the_pool_do_not_wait_for_each_other():

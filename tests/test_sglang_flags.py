@@ -59,6 +59,8 @@ def test_refused_flags_name_the_reason_at_start_up(tiny_model_path):
         prepare_args(["--model-path", tiny_model_path, "--schedule-policy", "lof"])
     with pytest.raises(SystemExit, match="--schedule-conservativeness must be >= 0, got -1"):
         prepare_args(["--model-path", tiny_model_path, "--schedule-conservativeness", "-1"])
+    with pytest.raises(SystemExit, match=r"--mem-fraction-static must be in \(0, 1\], got 1.5"):
+        prepare_args(["--model-path", tiny_model_path, "--mem-fraction-static", "1.5"])
 
 
 def test_ignored_flags_are_named_in_a_warning(tiny_model_path, capsys):
@@ -105,7 +107,7 @@ def flagged_server(tiny_model_path, tmp_path_factory):
     server = start_server(tiny_model_path, tmp_path_factory.mktemp("flagged"),
                           ["--max-total-tokens", "4096", "--chunked-prefill-size", "-1",
                            "--schedule-policy", "lpm", "--max-running-requests", "2",
-                           "--stream-interval", "4"])
+                           "--stream-interval", "4", "--max-queued-requests", "4"])
     yield server
     server.stop()
 
@@ -143,6 +145,27 @@ def test_max_running_requests_bounds_the_batch(flagged_server):
     assert max(running) == 2 and max(waiting) >= 1, (running, waiting)
 
 
+def test_max_queued_requests_sheds_load_with_a_503(flagged_server):
+    """SGLang's --max-queued-requests: a request that finds the waiting queue full gets a 503
+    "The request queue is full." at once; the others are served."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i):
+        return requests.post(flagged_server.base_url + "/generate", json={
+            "input_ids": [3 + i, 5, 7, 9], "sampling_params": {
+                "max_new_tokens": 48, "temperature": 0, "ignore_eos": True}}, timeout=120)
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(one, range(12)))
+    shed = [a for a in answers if a.status_code == 503]
+    served = [a for a in answers if a.status_code == 200]
+    assert len(shed) + len(served) == 12, [a.text for a in answers]
+    # At most 2 running + 4 waiting while they arrive together: the rest are shed.
+    assert len(shed) >= 2 and len(served) >= 4, [a.status_code for a in answers]
+    assert all("The request queue is full." in a.text for a in shed)
+    assert requests.get(flagged_server.base_url + "/health", timeout=30).status_code == 200
+
+
 def test_stream_interval_sends_every_fourth_token(flagged_server):
     from server_utils import stream_events
 
@@ -152,3 +175,30 @@ def test_stream_interval_sends_every_fourth_token(flagged_server):
     events = stream_events(r)
     counts = [len(e["output_ids"]) for e in events]
     assert counts[-1] == 12 and len(counts) <= 4, counts
+
+
+def test_mem_fraction_static_and_conservativeness_on_a_server(tiny_model_path, tmp_path):
+    """--mem-fraction-static sizes the pool from the machine's whole memory as SGLang does (not
+    the CPU's fixed 32768 slots), and --schedule-conservativeness 2 makes admission keep the
+    running requests' whole output budgets free (ratio 0.7 x 2, at most 1)."""
+    import psutil
+    from server_utils import start_server
+
+    mem = psutil.virtual_memory()
+    # Room for the server's processes and pools beyond what is in use now: 4 GiB.
+    fraction = round(1 - (mem.available - 4 * 2**30) / mem.total, 4)
+    server = start_server(tiny_model_path, tmp_path / "server",
+                          ["--mem-fraction-static", str(fraction), "--schedule-conservativeness", "2"])
+    try:
+        state = server.internal_state()
+        assert state["kv_total_slots"] != 32768
+        assert 16 <= state["kv_total_slots"] and state["kv_total_slots"] * 384 <= 4 * 2**30, state
+        # It started at min(0.7 x 2, 1) and decays by 0.86 / 600 per decode step (the
+        # warm-up request's few steps); conservativeness 1 would start at 0.7.
+        assert 0.95 < state["new_token_ratio"] <= 1.0
+        out = requests.post(server.base_url + "/generate", json={
+            "input_ids": [3, 5, 7, 9], "sampling_params": {"max_new_tokens": 8, "temperature": 0}},
+            timeout=120)
+        assert out.status_code == 200, out.text
+    finally:
+        server.stop()

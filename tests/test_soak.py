@@ -85,6 +85,26 @@ def test_soak_speculative(tiny_model_path, partial_draft_path, tmp_path, forced_
     assert report.summary["scheduler"]["final_state"]["spec_verify_steps"] > 0
 
 
+def test_soak_with_injected_faults(tiny_model_path, partial_draft_path, tmp_path):
+    """Target-pass and draft-pass faults and output stalls injected all through a speculative
+    soak (--inject-faults): each faulted request, and only it, ends with a 5xx (counted as
+    injected); a stalled one still completes; every other request is judged as in a clean soak
+    and the run has no violation."""
+    report = run_soak(SoakConfig(server_args=[
+        "--model-path", tiny_model_path, *SERVER_ARGS, "--speculative-policy", "fixed",
+        "--speculative-draft-model-path", partial_draft_path, "--speculative-num-draft-tokens", "4"],
+        seed=3, out_dir=tmp_path / "out", mix={**DEFAULT_MIX, "fault": 3.0}, **SHORT_SOAK))
+    assert report.violations == [], "\n".join(report.violations)
+    faults = report.counts["fault"]
+    assert faults.get("error-5xx", 0) > 0 and faults.get("ok", 0) > 0, faults
+    assert set(faults) <= {"error-5xx", "ok"}, faults
+    assert report.summary["injected_5xx"] == faults["error-5xx"]
+    assert report.features.get("fault_target", 0) + report.features.get("fault_draft", 0) > 0
+    ran = {category: report.total(category) for category in DEFAULT_MIX}
+    assert all(ran.values()), ran
+    assert report.summary["scheduler"]["final_state"]["kv_used_slots"] == 0
+
+
 # ---- the harness itself, without a model ----
 
 class StubServer(BaseHTTPRequestHandler):

@@ -49,6 +49,10 @@ DEFAULT_MIX = {
     "completion_stream": 1.0, "disconnect": 1.0, "abort": 1.0, "n_sampling": 1.0, "stop_strings": 1.0,
     "context_limit": 0.5, "invalid": 3.0,
 }
+# Requests that opt into injected faults (Traffic.fault): drawn only when given a weight
+# (--inject-faults), since the server must run with fault injection switched on.
+FAULT_CATEGORY = "fault"
+FAULT_ENV = {"FASER_SGL_FAULT_INJECTION": "1", "FASER_SGL_FAULT_STALL_S": "2"}
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -174,7 +178,7 @@ class SoakRun:
         self.budget = RequestBudget(config.max_requests)
         self.stop = threading.Event()
         self.bursts = 0
-        unknown = set(config.mix) - set(DEFAULT_MIX)
+        unknown = set(config.mix) - set(DEFAULT_MIX) - {FAULT_CATEGORY}
         if unknown:
             raise ValueError(f"unknown traffic categories in the mix: {sorted(unknown)}")
         self.mix = {name: weight for name, weight in config.mix.items() if weight > 0}
@@ -402,7 +406,9 @@ def run_soak(config: SoakConfig) -> SoakReport:
     log_dir = Path(config.out_dir) / "server-logs" if config.out_dir else Path(tempfile.mkdtemp(prefix="soak-"))
     # A keyed server's readiness check needs the key too.
     key_kwargs = {"api_key": server_key} if server_key else {}
-    server = start_server(args, log_dir, config.server_start_timeout, **key_kwargs)
+    # A soak that injects faults starts its server with injection switched on.
+    env = FAULT_ENV if config.mix.get(FAULT_CATEGORY, 0) > 0 else None
+    server = start_server(args, log_dir, config.server_start_timeout, env=env, **key_kwargs)
     try:
         client = HttpClient(server.base_url, api_key, config.request_timeout)
         return SoakRun(config, client, server.proc.pid, server.log_path).run()
@@ -452,7 +458,14 @@ def parse_args(argv: list[str] | None = None) -> SoakConfig:
                    help="comma-separated categories or paths whose 5xx are injected faults (counted, not violations); 'all'")
     p.add_argument("--mix", type=_mix, default=dict(DEFAULT_MIX),
                    help="weight overrides, e.g. 'invalid=0,abort=3'; categories: " + ", ".join(DEFAULT_MIX))
+    p.add_argument("--inject-faults", type=float, default=0.0, metavar="WEIGHT",
+                   help="also draw requests that opt into injected faults (target and draft pass "
+                        "faults, output stalls; managers/faults.py) with this weight: a pass fault "
+                        "must fail its own request with a 5xx and nothing else. A server started "
+                        "here gets FASER_SGL_FAULT_INJECTION=1; with --url, start it so")
     a = p.parse_args(argv)
+    if a.inject_faults > 0:
+        a.mix[FAULT_CATEGORY] = a.inject_faults
     return SoakConfig(
         url=a.url, server_args=a.server_args, server_pid=a.server_pid, seed=a.seed, duration=a.duration, warmup=a.warmup,
         max_requests=a.max_requests, concurrency=a.concurrency, out_dir=a.out, api_key=a.api_key,

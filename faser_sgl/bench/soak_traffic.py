@@ -170,6 +170,7 @@ class Traffic:
             "context_limit": self.context_limit,
             "invalid": self.invalid,
             "burst": self.burst_request,  # sent by the burst thread, not drawn by the workers
+            "fault": self.fault,  # only with --inject-faults (the server must allow injection)
         }
 
     def run(self, category: str, rng: random.Random) -> Outcome:
@@ -454,6 +455,31 @@ class Traffic:
         body = {"input_ids": self._ids_prompt(rng, prompt_len),
                 "sampling_params": {"max_new_tokens": total - prompt_len, "ignore_eos": True, **sampling}}
         return self._send("burst", "/generate", body, generate_finish_reasons, features=(sampling_kind,))
+
+    def fault(self, rng: random.Random) -> Outcome:
+        """A request that opts into an injected fault through its rid (managers/faults.py; the
+        server runs with FASER_SGL_FAULT_INJECTION=1): a target or draft pass fault must end
+        this request, and only it, with a 5xx (counted as injected); a stall of its output
+        messages must only delay it.  Bystanders are the other categories' requests, whose
+        outcomes are judged as always."""
+        kinds = ["target", "stall"]
+        if self.facts.speculative_policy not in (None, "none"):
+            kinds.append("draft")
+        kind = rng.choice(kinds)
+        prompt, _ = self._prompt(rng)
+        body = {**prompt, "rid": f"fault-{kind}-{self.new_rid('fault')}",
+                "sampling_params": {"max_new_tokens": self._max_new_tokens(rng, high=16), "temperature": 0.0}}
+        outcome = self._send("fault", "/generate", body, generate_finish_reasons, features=(f"fault_{kind}",))
+        if kind == "stall":
+            if outcome.outcome == ERROR_5XX:
+                outcome.problem, outcome.injected = f"fault: a stalled request failed: HTTP {outcome.status}", False
+            return outcome
+        if outcome.outcome == ERROR_5XX:
+            outcome.problem, outcome.injected = None, True
+        elif outcome.problem is None:
+            outcome.problem = (f"fault: an injected {kind}-pass fault did not fail its request "
+                               f"({outcome.outcome}); is FASER_SGL_FAULT_INJECTION=1 set on the server?")
+        return outcome
 
     def invalid(self, rng: random.Random) -> Outcome:
         """A fuzz case: it must be refused with a 4xx and a message, never a 5xx or a hang."""

@@ -4,7 +4,11 @@ single entry point for the scheduler.
 Pool size (KV slots), first match wins: ``num_kv_slots``; ``max_total_tokens`` (SGLang's flag of
 that name); else a memory budget measured after the weights are loaded: ``mem_fraction`` of free
 GPU memory on CUDA, or of available RAM on CPU, where it is also capped at CPU_CONTEXTS_CAP full
-contexts because a CPU never serves enough concurrent long requests to use more.
+contexts because a CPU never serves enough concurrent long requests to use more.  Or, given
+``mem_fraction_static`` (SGLang's ``--mem-fraction-static``), SGLang's rule: the weights and the
+KV pools together take that fraction of the device's whole memory (the GPU's, or the machine's
+RAM on a CPU), so the pools get what is free after loading less the (1 - fraction) of the total
+kept for everything else; no cap, since the user sized it.
 
 A draft model shares the target's slot numbering, so its pool has the same slot count.  Its
 runner is built first with ``defer_kv=True`` (weights only) and passed to the target's as
@@ -33,7 +37,7 @@ class ModelRunner:
                  attention_backend: str = "torch", num_kv_slots: int | None = None,
                  max_total_tokens: int | None = None, mem_fraction: float | None = None,
                  defer_kv: bool = False, draft: "ModelRunner | None" = None, cpu_linear: str = "auto",
-                 share_weights_mmap: bool = False):
+                 share_weights_mmap: bool = False, mem_fraction_static: float | None = None):
         self.model_path = str(model_path)
         self.device = indexed_device(device)  # "cuda" -> "cuda:N" (executor/device.py says why)
         self.dtype = dtype
@@ -73,7 +77,8 @@ class ModelRunner:
         if draft is not None and draft.kv_cache is not None:
             raise ValueError("the draft's runner must be built with defer_kv=True, so that one "
                              "budget sizes both KV pools")
-        self.allocate_kv(self._pool_size(num_kv_slots or max_total_tokens, mem_fraction, draft))
+        self.allocate_kv(self._pool_size(num_kv_slots or max_total_tokens, mem_fraction, draft,
+                                         mem_fraction_static))
         if draft is not None:
             draft.allocate_kv(self.num_kv_slots)
 
@@ -98,33 +103,42 @@ class ModelRunner:
         return list(self.config.eos_token_ids)
 
     def _pool_size(self, requested: int | None, mem_fraction: float | None,
-                   draft: "ModelRunner | None" = None) -> int:
+                   draft: "ModelRunner | None" = None, mem_fraction_static: float | None = None) -> int:
         if requested is not None:
             if requested < 1:
                 raise ValueError(f"the KV pool needs at least one slot, got {requested}")
             return int(requested)
         kind = "cuda" if self.device.type == "cuda" else "cpu"
-        fraction = DEFAULT_MEM_FRACTION[kind] if mem_fraction is None else mem_fraction
         if kind == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
+            free, total = torch.cuda.mem_get_info(self.device)
             cap = None
         else:
-            free = _available_ram()
+            free, total = _available_ram(), _total_ram()
             cap = CPU_CONTEXTS_CAP * self.max_context_len
+        if mem_fraction_static is not None:
+            if not 0 < mem_fraction_static <= 1:
+                raise ValueError(f"--mem-fraction-static must be in (0, 1], got {mem_fraction_static}")
+            budget = int(free - (1 - mem_fraction_static) * total)
+            cap = None
+            where = (f"{mem_fraction_static:.0%} of {total / 2**30:.2f} GiB for weights and KV, with "
+                     f"{(total - free) / 2**30:.2f} GiB in use after loading the weights")
+        else:
+            fraction = DEFAULT_MEM_FRACTION[kind] if mem_fraction is None else mem_fraction
+            budget = int(free * fraction)
+            where = f"{fraction:.0%} of {free / 2**30:.2f} GiB free"
         # Every slot holds a token's KV in the target's pool and in the draft's, and free memory
         # was read after both models' weights were loaded, so one budget covers both pools.
         own = kv_bytes_per_token(self.config, self.dtype)
         draft_own = 0 if draft is None else kv_bytes_per_token(draft.config, draft.dtype)
         per_token = own + draft_own
-        slots = slots_for_budget(per_token, int(free * fraction), max_slots=cap, min_slots=0)
+        slots = slots_for_budget(per_token, max(budget, 0), max_slots=cap, min_slots=0)
         if slots < MIN_KV_SLOTS:
             detail = f"{per_token} bytes per token"
             if draft is not None:
                 detail += (f": {own} for the target {self.model_path} + "
                            f"{draft_own} for the draft {draft.model_path}")
             raise RuntimeError(
-                f"only {slots} KV slots fit in {fraction:.0%} of {free / 2**30:.2f} GiB free "
-                f"({detail}); pass max_total_tokens or free memory"
+                f"only {slots} KV slots fit in {where} ({detail}); pass max_total_tokens or free memory"
             )
         return slots
 
@@ -145,3 +159,14 @@ def _available_ram() -> int:
         import os
 
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _total_ram() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except ImportError:
+        import os
+
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -106,8 +106,13 @@ class BatchPlanner:
                 self.reservation.retracted(self.running)
         budget = self.max_step_tokens
         chunks: list[ScheduledChunk] = []
-        decoding = [r for r in self.running if r.num_uncached == 1]
-        prefilling = [r for r in self.running if r.num_uncached > 1]
+        # A suspect (a request that was in a failed pass) runs alone through its recomputation
+        # and one decode step (drafts included): a failure then names it, and a success clears
+        # it, whatever else failed around it (Scheduler._recover_from_failed_step).
+        suspect = next((r for r in self.running if r.suspect), None)
+        batch = [suspect] if suspect is not None else self.running
+        decoding = [r for r in batch if r.num_uncached == 1]
+        prefilling = [r for r in batch if r.num_uncached > 1]
         for req in decoding:
             if req not in self.running:  # retracted while making room for an earlier one
                 continue
@@ -175,7 +180,7 @@ class BatchPlanner:
 
     def _next_admissible(self) -> Request | None:
         """The waiting head, unless it is a suspect and one already runs (then the first
-        non-suspect behind it, so the rest of the queue is not held up)."""
+        non-suspect behind it, which runs once no suspect does)."""
         if not any(r.suspect for r in self.running):
             return self.waiting[0]
         return next((r for r in self.waiting if not r.suspect), None)

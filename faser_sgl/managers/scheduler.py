@@ -24,13 +24,11 @@ from faser_sgl.managers import faults, server_state
 from faser_sgl.managers.batch_planner import BatchPlanner
 from faser_sgl.managers.control import ControlHandler
 from faser_sgl.managers.decode_reservation import test_retract_interval
-from faser_sgl.managers.grammar import GrammarBackend, GrammarError
-from faser_sgl.managers.logprobs import make_state as make_logprob_state
-from faser_sgl.managers.logprobs import start_input as start_input_logprobs
+from faser_sgl.managers.grammar import GrammarBackend
 from faser_sgl.managers.output_builder import build_output, should_send
 from faser_sgl.managers.progress_watchdog import ProgressWatchdog, act_on_stall
-from faser_sgl.managers.request import (Request, StopConditions, finish_abort, finish_length,
-                                        uses_coupled_sampling)
+from faser_sgl.managers.request import Request, StopConditions, finish_abort, finish_length
+from faser_sgl.managers.request_builder import BadRequest, build_request
 from faser_sgl.managers.stop_checker import StopChecker
 from faser_sgl.managers.step_budget import step_token_budget
 from faser_sgl.managers.token_generator import TargetOnlyGenerator
@@ -42,27 +40,6 @@ logger = logging.getLogger("faser_sgl.scheduler")
 IDLE_POLL_MS = 200
 # A busy scheduler whose last step completed this recently answers health checks at once.
 HEALTHY_PROGRESS_S = 5.0
-
-
-class BadRequest(ValueError):
-    """A request the scheduler refuses; the client gets HTTP 400 with this message."""
-
-
-def unsupported_feature(msg) -> str | None:
-    """The name of a feature msg asks for that faser_sgl does not serve, or None."""
-    if getattr(msg, "input_embeds", None) is not None:
-        return "input_embeds (embedding input)"
-    if getattr(msg, "mm_inputs", None) is not None:
-        return "multimodal input (images, video, audio)"
-    if getattr(msg, "lora_id", None) is not None or getattr(msg, "lora_path", None) is not None:
-        return "LoRA adapters (lora_path)"
-    if getattr(msg, "session_id", None) is not None or getattr(msg, "session_params", None):
-        return "sessions (session_params)"
-    if getattr(msg, "custom_logit_processor", None):
-        return "custom_logit_processor"
-    if getattr(msg, "return_hidden_states", False):
-        return "return_hidden_states"
-    return None
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -121,12 +98,15 @@ class Scheduler:
             attention_backend=options.attention_backend,
             cpu_linear=options.cpu_linear,
             share_weights_mmap=options.share_weights_mmap,
-            # Without --max-total-tokens: on a GPU, as SGLang does, as many slots as 80% of the
-            # memory left after both models' weights holds (one budget for both KV pools,
-            # model_runner.DEFAULT_MEM_FRACTION); on a CPU a fixed pool, since RAM is not what
-            # limits how many requests a CPU serves.
+            # Without --max-total-tokens: --mem-fraction-static as in SGLang (weights + pools
+            # take that share of the device's memory, a CPU's RAM included); else on a GPU as
+            # many slots as 80% of the memory left after both models' weights holds (one budget
+            # for both KV pools, model_runner.DEFAULT_MEM_FRACTION), on a CPU a fixed pool,
+            # since RAM is not what limits how many requests a CPU serves.
             max_total_tokens=server_args.max_total_tokens or (
-                None if is_cuda(self.device) else options.default_kv_slots),
+                None if is_cuda(self.device) or options.mem_fraction_static is not None
+                else options.default_kv_slots),
+            mem_fraction_static=options.mem_fraction_static,
             draft=draft_runner,
         )
         config = self.runner.config
@@ -354,94 +334,18 @@ class Scheduler:
             req.finished_reason = finish_length(0)
             self.send_outputs([req])
             return
+        limit = self.server_args.max_queued_requests
+        if limit is not None and len(self.planner.waiting) + 1 > limit and not req.is_health_check:
+            # SGLang's --max-queued-requests: shed load at the door rather than queue without end.
+            self.reject(msg, "The request queue is full.", HTTPStatus.SERVICE_UNAVAILABLE)
+            return
         self.planner.add(req)
 
     def make_request(self, msg) -> Request:
-        from faser_sgl.executor.sampler import SamplingOptions
+        return build_request(self, msg)
 
-        sp = msg.sampling_params
-        refused = unsupported_feature(msg)
-        if refused:
-            raise BadRequest(f"{refused} is not supported by faser_sgl")
-        prompt = [int(t) for t in (msg.input_ids or [])]
-        if not prompt:
-            raise BadRequest("the prompt is empty: send text or at least one input id")
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise BadRequest(f"input id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        if len(prompt) > self.max_req_input_len:
-            raise BadRequest(
-                f"the prompt has {len(prompt)} tokens; at most {self.max_req_input_len} fit "
-                f"(context length {self.context_len}, KV pool {self.pool_size} tokens)"
-            )
-        room = min(self.context_len, self.pool_size) - len(prompt)
-        max_new = sp.max_new_tokens
-        if max_new is None:
-            max_new = room
-        if max_new < 0:
-            raise BadRequest(f"max_new_tokens must be at least 0, got {max_new}")
-        if max_new > room:
-            raise BadRequest(
-                f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new}) exceeds the "
-                f"{min(self.context_len, self.pool_size)} tokens one request can hold"
-            )
-        stop_ids: set[int] = set()
-        if not sp.ignore_eos:
-            stop_ids = set(self.eos_token_ids) | set(sp.stop_token_ids or ())
-        stop_strs = tuple(getattr(sp, "stop_strs", None) or ())
-        stop = StopConditions(
-            max_new_tokens=max_new,
-            stop_token_ids=frozenset(stop_ids),
-            stop_strs=stop_strs,
-            stop_str_max_tokens=int(getattr(sp, "stop_str_max_len", 0) or 0),
-            min_new_tokens=int(sp.min_new_tokens or 0),
-        )
-        sampling = SamplingOptions.from_sglang(sp, self.vocab_size, sorted(stop_ids))
-        sampling.coupled = uses_coupled_sampling(self.options.sampling_scheme, sampling)
-        custom = getattr(sp, "custom_params", None) or {}
-        draft_len = custom.get("num_draft_tokens") if isinstance(custom, dict) else None
-        if draft_len is not None and (not isinstance(draft_len, int) or not 0 <= draft_len <= 64):
-            raise BadRequest(f"custom_params.num_draft_tokens must be an integer in [0, 64], got {draft_len!r}")
-        try:
-            logprob_state = make_logprob_state(bool(msg.return_logprob), msg.logprob_start_len,
-                                               msg.top_logprobs_num, msg.token_ids_logprob,
-                                               len(prompt), self.vocab_size,
-                                               prefill_only=stop.max_new_tokens == 0)
-        except ValueError as err:
-            raise BadRequest(str(err)) from None
-        start_input_logprobs(logprob_state, prompt)
-        grammar = None
-        spec = GrammarBackend.spec_of(sp)
-        if spec is not None:
-            if self.grammar_backend is None:
-                raise BadRequest("constrained decoding needs the tokenizer (the server runs with "
-                                 "--skip-tokenizer-init)")
-            try:
-                grammar = self.grammar_backend.new_state(*spec)
-            except GrammarError as err:
-                raise BadRequest(str(err)) from None
-        req = Request(
-            rid=msg.rid,
-            http_worker_ipc=msg.http_worker_ipc,
-            prompt_ids=prompt,
-            stop=stop,
-            sampling=sampling,
-            stream=bool(msg.stream),
-            skip_special_tokens=sp.skip_special_tokens,
-            spaces_between_special_tokens=sp.spaces_between_special_tokens,
-            no_stop_trim=sp.no_stop_trim,
-            requested_draft_len=draft_len,
-        )
-        req.logprobs, req.grammar = logprob_state, grammar
-        if self.options.record_acceptance and self.speculative and not req.is_health_check:
-            req.spec_steps = []
-        if logprob_state is not None and logprob_state.wants_input:
-            # Input logprobs need the rows from logprob_start_len on computed, not cached.
-            req.cacheable_prefix = logprob_state.cacheable_prefix
-        return req
-
-    def reject(self, msg, message: str) -> None:
-        """Answer a request that never entered the queue with an HTTP 400 error."""
+    def reject(self, msg, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> None:
+        """Answer a request that never entered the queue with an HTTP error (400 by default)."""
         logger.info("rejecting request %s: %s", msg.rid, message)
         req = Request(
             rid=msg.rid,
@@ -451,7 +355,7 @@ class Scheduler:
             sampling=None,
             stream=bool(getattr(msg, "stream", False)),
         )
-        req.finished_reason = finish_abort(message, HTTPStatus.BAD_REQUEST)
+        req.finished_reason = finish_abort(message, status)
         self.send_outputs([req])
 
     def abort(self, msg) -> None:
@@ -499,6 +403,10 @@ class Scheduler:
         to_send = []
         for chunk in chunks:
             req = chunk.req
+            if req.suspect and chunk.needs_logits and len(chunk.tokens) == 1:
+                # Recomputed alone and through a decode step (with its drafts, where it drafts):
+                # not the faulty one.
+                req.suspect = False
             # The generator appended them already, up to the request's stop condition.
             self.stats["num_generated_tokens"] += len(new_tokens.get(req, ()))
             if req.finished:
@@ -528,11 +436,12 @@ class Scheduler:
     def _recover_from_failed_step(self, involved: list[Request]) -> None:
         """A failed pass must not take the server down, nor fail requests that merely shared
         its batch.  The pass's KV is not trusted, so every request in it gives its KV up.  A
-        request that was alone in the batch, or already a suspect (one that was in an earlier
-        failed batch), is failed; the others become suspects and are recomputed from prompt +
-        output, at most one suspect per batch (BatchPlanner), so the next failure names its
-        request."""
-        doomed = [r for r in involved if r.suspect or len(involved) == 1]
+        request that was alone in the pass is failed; the others become suspects, recomputed
+        from prompt + output each in a batch of its own (BatchPlanner) until it has also come
+        through a decode step, so that a failure then names it and a success clears it.  (Failing a suspect whenever it met a second failed
+        pass, as before, failed bystanders as soon as two faulty requests overlapped: a soak
+        with injected faults lost 7 bystanders in 45 s.)"""
+        doomed = [r for r in involved if len(involved) == 1]
         retried = [r for r in involved if r not in doomed]
         for req in doomed:
             self.planner.release(req, keep_kv=False)

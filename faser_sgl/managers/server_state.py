@@ -67,6 +67,8 @@ def internal_state(s) -> dict:
         "num_running_reqs": len(s.planner.running),
         "num_waiting_reqs": len(s.planner.waiting),
         "num_retractions": s.planner.num_retractions,
+        # Admission's share of running requests' remaining output kept free (decode_reservation).
+        "new_token_ratio": round(s.planner.reservation.ratio, 4),
         "effective_max_running_requests_per_dp": s.max_running_requests,
         "schedule_policy": s.planner.schedule_policy,
         "step_budget_tokens": s.planner.max_step_tokens,
