@@ -120,6 +120,7 @@ class BatchPlanner:
                 continue
             chunks.append(ScheduledChunk(req, req.all_ids[-1:], needs_logits=True))
             budget -= 1
+        decoded = bool(chunks)
         for req in prefilling:
             if budget <= 0 or req not in self.running:
                 break
@@ -133,7 +134,7 @@ class BatchPlanner:
                 break
             chunks.append(ScheduledChunk(req, pending[:take], needs_logits=take == len(pending)))
             budget -= take
-        if self.num_retractions == retractions_before and any(len(c.tokens) == 1 and c.needs_logits for c in chunks):
+        if decoded and self.num_retractions == retractions_before:
             self.reservation.decoded_without_retraction()
         return chunks
 
@@ -147,8 +148,13 @@ class BatchPlanner:
         headroom = len(self.running) * (1 + extra_slots_per_decode)
         if first_chunk <= 0 or self.allocator.num_available < first_chunk + headroom:
             return False
-        needed = num_tokens + min(max_new_tokens, DecodeReservation.CLIP_MAX_NEW_TOKENS)
-        return not self.running or needed < self.allocator.num_available - self._kept_for_running(extra_slots_per_decode)
+        needed = num_tokens + min(max_new_tokens, DecodeReservation.CLIP_MAX_NEW_TOKENS) + extra_slots_per_decode
+        return not self.running or self._fits_beside_running(needed, self._kept_for_running(extra_slots_per_decode))
+
+    def _fits_beside_running(self, needed: float, kept: float) -> bool:
+        """Whether a new request needing ``needed`` slots fits beside the ``kept`` ones of the
+        running requests (num_available counts what the prefix cache would give back)."""
+        return needed < self.allocator.num_available - kept
 
     def _kept_for_running(self, extra_slots_per_decode: int) -> float:
         """Slots the running requests will still take: their uncached tokens, their draft
@@ -214,8 +220,7 @@ class BatchPlanner:
             # (SGLang admits against the whole budget too; the ratio applies once it runs).  With
             # nothing running it starts anyway: validated requests fit the pool alone.
             needed = self.reservation.new_request_tokens(req) + extra_slots_per_decode
-            # (num_available counts the slots the prefix cache would give back.)
-            if self.running and needed >= self.allocator.num_available - kept:
+            if self.running and not self._fits_beside_running(needed, kept):
                 break
             self.waiting.remove(req)
             self.running.append(req)
