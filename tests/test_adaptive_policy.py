@@ -3,6 +3,7 @@ of drafting and verifying; lossless whatever it chooses."""
 
 from __future__ import annotations
 
+import random
 import argparse
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from faser_sgl.managers.request import Request, StopConditions
 from faser_sgl.offline_engine import OfflineEngine
 from faser_sgl.options import ENV_VAR, FaserOptions
+from faser_sgl.speculative.prior_strength import PriorStrength
 from faser_sgl.speculative.adaptive import AdaptiveLength, CostCurve, expected_tokens
 from faser_sgl.speculative.policy import make_policy
 from spec_harness import Engine
@@ -91,7 +93,7 @@ def test_acceptance_estimate_lets_the_evidence_outweigh_the_prior():
     decayed trials, which still pays for a draft where verification is nearly free); when
     acceptance returns it rises again, and it tends to the request's own rate."""
     policy, req = AdaptiveLength(4), make_req("r")
-    prior_successes = policy.opening_rate() * AdaptiveLength.PRIOR_TRIALS
+    prior_successes = policy.opening_rate() * policy.prior_trials()
     for n in range(1, 61):
         policy.observe(req, 4, 0)  # the first draft rejected: one failed trial
         # What is left of the prior's pseudo-successes, over at least the trial just made.
@@ -514,3 +516,38 @@ def test_a_draft_hidden_by_a_prune_counts_as_a_trial():
         policy.observe_unseen(imputed, 0.9)
     assert policy.accept_rate(censored) > 0.99
     assert policy.accept_rate(imputed) == pytest.approx(0.55, abs=0.01)
+
+
+def _replay_population(policy: AdaptiveLength, rates: list[float], verifications: int, seed: int) -> None:
+    """Requests that each accept drafts i.i.d. at their own rate, drafting 4 per verification."""
+    rng = random.Random(seed)
+    for n, rate in enumerate(rates):
+        req = make_req(f"pop{n}")
+        for _ in range(verifications):
+            accepted = 0
+            while accepted < 4 and rng.random() < rate:
+                accepted += 1
+            policy.observe(req, 4, accepted)
+
+
+def test_prior_weight_follows_how_much_requests_differ():
+    """Where every request accepts at about the population's rate, one rejection must not
+    collapse a request's estimate (with the old fixed 2 pseudo-trials it fell from ~0.9 to ~0.6
+    and the request drafted one token for ~10 steps); where requests differ, each request's own
+    evidence must still move its estimate fast (a request accepting nothing stops drafting)."""
+    alike = AdaptiveLength(4)
+    assert alike.prior_trials() == pytest.approx(PriorStrength.MIN_TRIALS)  # nothing seen yet
+    _replay_population(alike, [0.9] * 60, 12, seed=1)
+    assert alike.prior_trials() > 15
+    newcomer = make_req("new")
+    opening = alike.accept_rate(newcomer)
+    alike.observe(newcomer, 4, 0)
+    assert opening > 0.85 and alike.accept_rate(newcomer) > 0.8
+
+    mixed = AdaptiveLength(4)
+    _replay_population(mixed, [0.95, 0.1] * 30, 12, seed=2)
+    assert mixed.prior_trials() < 4
+    newcomer = make_req("new")
+    for _ in range(3):
+        mixed.observe(newcomer, 4, 0)
+    assert mixed.accept_rate(newcomer) < 0.35

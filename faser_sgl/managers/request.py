@@ -88,6 +88,11 @@ class Request:
     # The adaptive policy's decayed (successes, trials) of draft-token acceptance, its prior's
     # pseudo-counts included; None until first observed (adaptive.AdaptiveLength._counts).
     spec_accept_stats: Optional[tuple[float, float]] = None
+    # Its summed deviation from the population's rate and its trials, undecayed
+    # (prior_strength.PriorStrength pairs them with later verifications).
+    spec_accept_deviation: Optional[tuple[float, float]] = None
+    # The prior inside spec_accept_stats: (its rate, its remaining pseudo-trials).
+    spec_accept_prior: Optional[tuple[float, float]] = None
     # Logprobs asked for (managers/logprobs.LogprobState) and the grammar constraining the
     # output (managers/grammar.GrammarState), or None.
     logprobs: Any = None

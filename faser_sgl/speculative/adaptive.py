@@ -38,6 +38,7 @@ import bisect
 import math
 
 from faser_sgl.managers.request import Request
+from faser_sgl.speculative.prior_strength import PriorStrength
 
 
 class CostCurve:
@@ -181,10 +182,10 @@ class AdaptiveLength:
     name = "adaptive"
 
     # Acceptance estimate (see "feedback" below): prior mean and the pseudo-trials a new request
-    # starts with, decay of all counts per verification, and per step while the request does not
-    # draft the decay towards a faint prior of IDLE_PRIOR_TRIALS pseudo-trials.
+    # starts with (PriorStrength's estimate, at least 2), decay of all counts per verification,
+    # and per step while the request does not draft the decay towards a faint prior of
+    # IDLE_PRIOR_TRIALS pseudo-trials.
     PRIOR_RATE = 0.7
-    PRIOR_TRIALS = 2.0
     DECAY = 0.9
     IDLE_DECAY = 0.9
     IDLE_PRIOR_TRIALS = 0.05
@@ -221,13 +222,21 @@ class AdaptiveLength:
         self._row_reached = [1.0] * (self.max_k + 2)
         self._row_lost = [0.0] * (self.max_k + 2)
         self.overhead = StepOverhead()  # seconds outside the passes (observe_step_overhead)
-        # Decayed (successes, trials) over every request's verifications: a new request's prior.
+        # Decayed (successes, trials) over every request's verifications: a new request's prior,
+        # and how many pseudo-trials that prior is worth.
         self._pool = (0.0, 0.0)
+        self.prior_strength = PriorStrength()
 
     # -- feedback ------------------------------------------------------------------------------
     # The estimate is successes / trials over the request's decayed counts.  A new request starts
-    # with the prior as PRIOR_TRIALS pseudo-trials at PRIOR_RATE, and each verification
+    # with the prior as prior_trials() pseudo-trials at opening_rate(), and each verification
     # multiplies all counts, the prior's included, by DECAY before adding its own.
+    # - The prior's weight is estimated from how much requests differ (prior_strength.py): 2
+    #   pseudo-trials, as it was fixed before, made one rejected draft (which a workload at 0.91
+    #   gives every ~10 drafts) drop a request's estimate to ~0.6 and its drafts to one token
+    #   for the next ~10 steps, although the next drafts of such a request were accepted at 0.87
+    #   (2026-12-07 load run: `adaptive` verified 3.2 tokens a pass at 0.25 req/s against
+    #   `batch-ema`'s 4.0).
     # - The prior ages like evidence.  With a prior of fixed weight the decayed evidence (at
     #   most tested / (1 - DECAY) trials) never outweighed it: zero acceptance read as
     #   0.7 * 2 / (2 + 5) = 0.2 (DECAY 0.8), which still pays for a draft where verification is
@@ -283,16 +292,40 @@ class AdaptiveLength:
         weight = self._pool[1] + self.POOL_PRIOR_TRIALS
         return min(1.0, mean + self.OPENING_OPTIMISM * math.sqrt(mean * (1.0 - mean) / weight))
 
+    def prior_trials(self) -> float:
+        """Pseudo-trials a new request's prior is worth (at least PriorStrength.MIN_TRIALS)."""
+        return self.prior_strength.trials(self.prior_rate())
+
     def _counts(self, req: Request) -> tuple[float, float]:
         """The request's decayed (successes, trials), its prior's remaining pseudo-counts
         included; a request never observed (req.spec_accept_stats None) holds the prior alone,
         fixed at its first observation."""
         if req.spec_accept_stats is None:
-            return self.opening_rate() * self.PRIOR_TRIALS, self.PRIOR_TRIALS
+            rate, trials = self._prior_of(req)
+            return rate * trials, trials
         return req.spec_accept_stats
 
-    def _set_counts(self, req: Request, successes: float, trials: float) -> None:
+    def _prior_of(self, req: Request) -> tuple[float, float]:
+        """(rate, remaining pseudo-trials) of the request's prior."""
+        if req.spec_accept_prior is None:
+            return self.opening_rate(), self.prior_trials()
+        return req.spec_accept_prior
+
+    def _set_counts(self, req: Request, successes: float, trials: float, prior_decay: float = 1.0) -> None:
+        rate, weight = self._prior_of(req)
+        req.spec_accept_prior = (rate, weight * prior_decay)
         req.spec_accept_stats = (successes, trials)
+
+    def _demote_prior(self, req: Request) -> None:
+        """The request's own evidence is too unlike the population's for the population's prior
+        to speak for it (PriorStrength.stands_out): keep at most MIN_TRIALS pseudo-trials of it,
+        so that a request the draft model cannot follow stops drafting as fast as it did with a
+        fixed weak prior, however alike the other requests are."""
+        rate, weight = self._prior_of(req)
+        keep = min(weight, PriorStrength.MIN_TRIALS)
+        successes, trials = self._counts(req)
+        req.spec_accept_stats = (successes - rate * (weight - keep), trials - (weight - keep))
+        req.spec_accept_prior = (rate, keep)
 
     def _pool_observe(self, successes: float, trials: float, decay: float | None = None) -> None:
         decay = self.POOL_DECAY if decay is None else decay
@@ -310,7 +343,11 @@ class AdaptiveLength:
         # Drafts are tested in order until the first rejection: num_accepted successes, then one
         # failure unless all were accepted.
         tested = num_accepted + (1 if num_accepted < num_drafted else 0)
-        self._set_counts(req, successes * self.DECAY + num_accepted, trials * self.DECAY + tested)
+        self._set_counts(req, successes * self.DECAY + num_accepted, trials * self.DECAY + tested,
+                         self.DECAY)
+        self.prior_strength.observe(req, num_accepted, tested, self.prior_rate())
+        if self.prior_strength.stands_out(req, self.prior_rate()):
+            self._demote_prior(req)
         self._pool_observe(num_accepted, tested)
 
     def observe_unseen(self, req: Request, reject_prob: float) -> None:
@@ -327,7 +364,7 @@ class AdaptiveLength:
         successes, trials = self._counts(req)
         fill = (1.0 - self.IDLE_DECAY) * self.IDLE_PRIOR_TRIALS
         self._set_counts(req, successes * self.IDLE_DECAY + self.PRIOR_RATE * fill,
-                         trials * self.IDLE_DECAY + fill)
+                         trials * self.IDLE_DECAY + fill, self.IDLE_DECAY)
 
     PRUNE_SMOOTHING = 0.05
 
