@@ -61,14 +61,24 @@ def test_refused_flags_name_the_reason_at_start_up(tiny_model_path):
         prepare_args(["--model-path", tiny_model_path, "--schedule-conservativeness", "-1"])
     with pytest.raises(SystemExit, match=r"--mem-fraction-static must be in \(0, 1\], got 1.5"):
         prepare_args(["--model-path", tiny_model_path, "--mem-fraction-static", "1.5"])
+    for flags, reason in [(["--enable-priority-scheduling"], "priority scheduling is not implemented"),
+                          (["--num-continuous-decode-steps", "4"], "multi-step decoding is not implemented"),
+                          (["--page-size", "16"], "paged one token per slot"),
+                          (["--prefill-max-requests", "0"], "must be at least 1, got 0"),
+                          (["--enable-prefill-delayer"], "DP-attention")]:
+        with pytest.raises(SystemExit, match=f"{flags[0]}.*{reason}"):
+            prepare_args(["--model-path", tiny_model_path, *flags])
 
 
 def test_ignored_flags_are_named_in_a_warning(tiny_model_path, capsys):
     from faser_sgl.launch_server import prepare_args
 
-    prepare_args(["--model-path", tiny_model_path, "--cuda-graph-max-bs-decode", "8", "--schedule-policy", "lpm"])
+    prepare_args(["--model-path", tiny_model_path, "--cuda-graph-max-bs-decode", "8", "--schedule-policy", "lpm",
+                  "--scheduler-recv-interval", "4", "--default-priority-value", "3"])
     err = capsys.readouterr().err
     assert "--cuda-graph-max-bs-decode is ignored by faser_sgl" in err
+    assert "--scheduler-recv-interval is ignored by faser_sgl" in err
+    assert "--default-priority-value is ignored by faser_sgl" in err
     assert "schedule-policy" not in err
 
 
@@ -99,6 +109,31 @@ def test_lpm_admits_the_longest_cached_prefix_first_and_fcfs_keeps_arrival_order
         BatchPlanner(SlotAllocator(8), 1, 8, None, schedule_policy="lof")
 
 
+def test_prefill_max_requests_caps_the_requests_prefilling_in_one_step():
+    """SGLang's --prefill-max-requests: at most N requests in a prefill batch; here at most N
+    requests carry a prefill chunk in one step (continuing chunks included), decodes beside."""
+    planner = BatchPlanner(SlotAllocator(4096), max_running_requests=8, max_step_tokens=64,
+                           prefill_max_requests=1)
+    reqs = [make_req(f"r{i}", 40) for i in range(3)]
+    for req in reqs:
+        planner.add(req)
+    steps = []
+    for _ in range(4):
+        chunks = planner.plan()
+        steps.append([(c.req.rid, len(c.tokens)) for c in chunks])
+        for c in chunks:
+            if c.needs_logits:
+                c.req.output_ids.append(7)  # prefilled: it decodes from the next step
+    # One prefill per step; the first request decodes beside the second's prefill.
+    assert steps[0] == [("r0", 40)]
+    assert steps[1] == [("r0", 1), ("r1", 40)]
+    assert steps[2] == [("r0", 1), ("r1", 1), ("r2", 40)]
+    unlimited = BatchPlanner(SlotAllocator(4096), max_running_requests=8, max_step_tokens=64)
+    for i in range(3):
+        unlimited.add(make_req(f"u{i}", 20))
+    assert len(unlimited.plan()) == 3
+
+
 @pytest.fixture(scope="module")
 def flagged_server(tiny_model_path, tmp_path_factory):
     """One server with the honoured flags SGLang's own tests pass, each checked below."""
@@ -107,7 +142,8 @@ def flagged_server(tiny_model_path, tmp_path_factory):
     server = start_server(tiny_model_path, tmp_path_factory.mktemp("flagged"),
                           ["--max-total-tokens", "4096", "--chunked-prefill-size", "-1",
                            "--schedule-policy", "lpm", "--max-running-requests", "2",
-                           "--stream-interval", "4", "--max-queued-requests", "4"])
+                           "--stream-interval", "4", "--max-queued-requests", "4",
+                           "--prefill-max-requests", "1", "--abort-on-priority-when-disabled"])
     yield server
     server.stop()
 
@@ -124,6 +160,17 @@ def test_a_server_started_with_chunked_prefill_off_serves(flagged_server):
     state = flagged_server.internal_state()
     assert state["step_budget_tokens"] > state["context_length"]
     assert state["schedule_policy"] == "lpm"
+    assert state["prefill_max_requests"] == 1
+
+
+def test_a_priority_is_refused_when_the_server_says_so(flagged_server):
+    """SGLang's --abort-on-priority-when-disabled: a request that names a priority gets its 503."""
+    out = requests.post(flagged_server.base_url + "/generate", json={
+        "input_ids": [3, 5, 7, 9], "priority": 5, "sampling_params": {"max_new_tokens": 4}}, timeout=60)
+    assert out.status_code == 503 and "Using priority is disabled for this server" in out.text, out.text
+    plain = requests.post(flagged_server.base_url + "/generate", json={
+        "input_ids": [3, 5, 7, 9], "sampling_params": {"max_new_tokens": 4}}, timeout=60)
+    assert plain.status_code == 200, plain.text
 
 
 def test_max_running_requests_bounds_the_batch(flagged_server):
@@ -202,3 +249,16 @@ def test_mem_fraction_static_and_conservativeness_on_a_server(tiny_model_path, t
         assert out.status_code == 200, out.text
     finally:
         server.stop()
+
+
+def test_the_idle_scheduler_trims_its_heap(flagged_server):
+    """After serving, the idle scheduler hands its heap's free pages back (heap_trim.py)."""
+    import time
+
+    out = requests.post(flagged_server.base_url + "/generate", json={
+        "input_ids": [3, 5, 7, 9], "sampling_params": {"max_new_tokens": 4}}, timeout=60)
+    assert out.status_code == 200
+    deadline = time.monotonic() + 30
+    while flagged_server.internal_state()["heap_trims"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert flagged_server.internal_state()["heap_trims"] >= 1

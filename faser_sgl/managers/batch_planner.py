@@ -21,6 +21,7 @@ gives slots back, least recently used first, when an allocation finds the pool d
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -43,8 +44,13 @@ class BatchPlanner:
     LPM_MAX_WAITING = 128
 
     def __init__(self, allocator, max_running_requests: int, max_step_tokens: int, prefix_cache=None,
-                 schedule_policy: str = "fcfs", conservativeness: float = 1.0, test_retract_interval: int = 0):
-        """test_retract_interval N > 0: every N-th plan retracts the newest of two or more decoding
+                 schedule_policy: str = "fcfs", conservativeness: float = 1.0, test_retract_interval: int = 0,
+                 prefill_max_requests: int | None = None):
+        """prefill_max_requests: at most this many requests carry a prefill chunk in one step,
+        continuing ones included (SGLang's --prefill-max-requests caps its prefill batch so);
+        None: no limit.
+
+        test_retract_interval N > 0: every N-th plan retracts the newest of two or more decoding
         requests, whatever room is left (SGLang's SGLANG_TEST_RETRACT / _INTERVAL): admission
         that keeps room for decoding makes a real retraction rare, and tests of what follows one
         must still see it."""
@@ -60,6 +66,9 @@ class BatchPlanner:
         self.num_retractions = 0
         self.reservation = DecodeReservation(conservativeness)
         self.test_retract_interval = test_retract_interval
+        if prefill_max_requests is not None and prefill_max_requests < 1:
+            raise ValueError(f"--prefill-max-requests must be at least 1, got {prefill_max_requests}")
+        self.prefill_max_requests = prefill_max_requests
         self._num_plans = 0
 
     # -- queue bookkeeping -------------------------------------------------------------------
@@ -121,6 +130,8 @@ class BatchPlanner:
             chunks.append(ScheduledChunk(req, req.all_ids[-1:], needs_logits=True))
             budget -= 1
         decoded = bool(chunks)
+        if self.prefill_max_requests is not None:
+            prefilling = prefilling[:self.prefill_max_requests]
         for req in prefilling:
             if budget <= 0 or req not in self.running:
                 break
@@ -142,7 +153,7 @@ class BatchPlanner:
         """Whether a new request of num_tokens prompt tokens (and max_new_tokens to generate)
         would be admitted at the next plan: nothing waits before it, its first chunk fits beside
         the running requests' headroom, and it fits beside what they keep for decoding."""
-        if self.waiting or len(self.running) >= self.max_running_requests:
+        if self.waiting or len(self.running) >= self.max_running_requests or self._prefill_room() < 1:
             return False
         first_chunk = min(num_tokens, self.max_step_tokens - len(self.running))
         headroom = len(self.running) * (1 + extra_slots_per_decode)
@@ -204,7 +215,8 @@ class BatchPlanner:
         self._order_waiting()
         budget = self.max_step_tokens - len(self.running)
         kept = self._kept_for_running(extra_slots_per_decode)
-        while self.waiting and len(self.running) < self.max_running_requests and budget > 0:
+        prefill_room = self._prefill_room()
+        while self.waiting and len(self.running) < self.max_running_requests and budget > 0 and prefill_room > 0:
             req = self._next_admissible()
             if req is None:
                 break
@@ -226,6 +238,14 @@ class BatchPlanner:
             self.running.append(req)
             budget -= first_chunk
             kept += needed
+            prefill_room -= 1
+
+    def _prefill_room(self) -> float:
+        """How many more requests may start a prefill this step (prefill_max_requests less the
+        running requests still prefilling)."""
+        if self.prefill_max_requests is None:
+            return math.inf
+        return self.prefill_max_requests - sum(1 for r in self.running if r.num_uncached > 1)
 
     def _reserve(self, req: Request, n: int, protect: list[ScheduledChunk]) -> bool:
         """Allocate n slots for req, retracting later arrivals if the pool is dry."""

@@ -28,6 +28,7 @@ from faser_sgl.managers.grammar import GrammarBackend
 from faser_sgl.managers.output_builder import build_output, should_send
 from faser_sgl.managers.progress_watchdog import ProgressWatchdog, act_on_stall
 from faser_sgl.managers.request import Request, StopConditions, finish_abort, finish_length
+from faser_sgl.managers.heap_trim import HeapTrimmer
 from faser_sgl.managers.request_builder import BadRequest, build_request
 from faser_sgl.managers.stop_checker import StopChecker
 from faser_sgl.managers.step_budget import step_token_budget
@@ -145,8 +146,10 @@ class Scheduler:
             conservativeness=server_args.schedule_conservativeness
             if server_args.schedule_conservativeness is not None else 1.0,
             test_retract_interval=test_retract_interval(),
+            prefill_max_requests=getattr(server_args, "prefill_max_requests", None),
         )
         self.sampler = Sampler()
+        self.heap_trimmer = HeapTrimmer(enabled=os.environ.get("FASER_HEAP_TRIM", "1") != "0")
         self.stop_checker = StopChecker(self.tokenizer)
         self.policy = make_policy(options.speculative_policy, options.speculative_num_draft_tokens,
                                   options.speculative_cost_profile, options.batch_table,
@@ -253,6 +256,9 @@ class Scheduler:
             if self.planner.has_work():
                 self.step()
                 self._check_progress()
+                self.heap_trimmer.after_step()
+            else:
+                self.heap_trimmer.on_idle()
             if self.load_publisher is not None:
                 self.load_publisher.maybe_publish(self, self.planner.has_work())
             if not self.planner.has_work() and not psutil.pid_exists(parent_pid):
@@ -333,6 +339,12 @@ class Scheduler:
             # than queue one probe per poll behind the work.
             req.finished_reason = finish_length(0)
             self.send_outputs([req])
+            return
+        if getattr(msg, "priority", None) is not None \
+                and getattr(self.server_args, "abort_on_priority_when_disabled", False):
+            # SGLang's answer when priority scheduling is off (it is never on here).
+            self.reject(msg, "Using priority is disabled for this server. Please send a new request "
+                             "without a priority.", HTTPStatus.SERVICE_UNAVAILABLE)
             return
         limit = self.server_args.max_queued_requests
         if limit is not None and len(self.planner.waiting) + 1 > limit and not req.is_health_check:
