@@ -10,6 +10,10 @@ after retraction, new prompt lengths) although nothing is leaked.  malloc_trim(0
 pages inside the heaps back as well (madvise), at a cost of milliseconds: the scheduler calls it
 when it goes idle and at most every TRIM_INTERVAL_S while it stays busy.  Elsewhere than glibc
 this is a no-op.  scripts/bench_scheduler_memory.py measures the resident size with and without.
+
+Measured (docs/reliability.md, 2026-12-07): this is not what made the scheduler's memory creep in
+the soaks; trimmed or not, it grew ~20 MiB a round, and capping oneDNN's primitive cache stopped
+it.  Trimming stays because it is cheap (~6.5 ms a trim in the soak) and bounds the heap's share.
 """
 
 from __future__ import annotations
