@@ -345,8 +345,9 @@ class AdaptiveLength:
         tested = num_accepted + (1 if num_accepted < num_drafted else 0)
         self._set_counts(req, successes * self.DECAY + num_accepted, trials * self.DECAY + tested,
                          self.DECAY)
-        self.prior_strength.observe(req, num_accepted, tested, self.prior_rate())
-        if self.prior_strength.stands_out(req, self.prior_rate()):
+        population_rate = self.prior_rate()
+        self.prior_strength.observe(req, num_accepted, tested, population_rate)
+        if self.prior_strength.stands_out(req, population_rate):
             self._demote_prior(req)
         self._pool_observe(num_accepted, tested)
 
