@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 
+from faser_sgl.executor.onednn_cache import bound_primitive_cache
 from faser_sgl.options import FaserOptions
 from faser_sgl.sglang_flags import check_server_args, given
 
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     server_args, options = prepare_args(sys.argv[1:] if argv is None else argv)
     options.to_env()
+    # Before the scheduler process starts: oneDNN reads it there when it builds its first primitive.
+    bound_primitive_cache()
 
     from sglang.srt.entrypoints.http_server import app, launch_server
     from sglang.srt.utils import kill_process_tree

@@ -1,5 +1,6 @@
 """Resident memory of a scheduler's process over many rounds of mixed requests, with and without
-giving the C heap's free pages back (faser_sgl/managers/heap_trim.py).
+giving the C heap's free pages back (faser_sgl/managers/heap_trim.py), and with oneDNN's
+primitive cache bounded to N primitives (mode ``cap:N``; faser_sgl/executor/onednn_cache.py).
 
 Each mode runs in its own fresh process (the heap is per process) on the same seeded rounds:
 prompts of random lengths, random output budgets, and a retraction every few steps (SGLang's
@@ -8,6 +9,11 @@ each round the process's RSS is read (and, in the trimming mode, the heap trimme
 scheduler does); the table shows RSS per round and the growth after the warm-up rounds.
 
     python scripts/bench_scheduler_memory.py --rounds 12 --warmup 3
+    python scripts/bench_scheduler_memory.py --modes plain,cap:64,cap:256 --repeats 2
+
+Modes other than ``cap:N`` run with oneDNN's default bound (1024) unless the environment sets
+one.  With --repeats the modes run interleaved (plain, cap, ..., plain, cap, ...) so that a slow
+phase of the machine does not fall on one mode, and the table shows each repeat.
 """
 
 from __future__ import annotations
@@ -66,20 +72,26 @@ def main() -> None:
     p.add_argument("--policy", default="faser")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--modes", default="plain,trim")
+    p.add_argument("--modes", default="plain,trim", help="plain, trim, cap:N (comma-separated)")
+    p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.mode:
         run_mode(args)
         return
     results = {}
-    for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--mode", mode] + [a for a in sys.argv[1:]]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            sys.exit(f"mode {mode} failed:\n{out.stderr[-3000:]}")
-        results[mode] = json.loads(line[len("RESULT "):])
+    for repeat in range(args.repeats):
+        for mode in args.modes.split(","):
+            env = dict(os.environ)
+            if mode.startswith("cap:"):
+                env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(int(mode[len("cap:"):]))
+            cmd = [sys.executable, __file__, "--mode", mode] + [a for a in sys.argv[1:]]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"mode {mode} failed:\n{out.stderr[-3000:]}")
+            name = mode if args.repeats == 1 else f"{mode}#{repeat + 1}"
+            results[name] = json.loads(line[len("RESULT "):])
     modes = list(results)
     print(f"dtype {results[modes[0]]['dtype']}, policy {args.policy}, {args.requests_per_round} requests x "
           f"{args.rounds} rounds, seed {args.seed}; RSS MiB after each round")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import time
 
+from faser_sgl.executor.onednn_cache import capacity_in_force
+
 logger = logging.getLogger(__name__)
 
 # A router polls loads every few seconds; publishing more often than this only costs time.
@@ -75,6 +77,7 @@ def internal_state(s) -> dict:
         "prefill_max_requests": s.planner.prefill_max_requests,
         "heap_trims": s.heap_trimmer.num_trims,
         "heap_trim_seconds": round(s.heap_trimmer.seconds, 4),
+        "onednn_primitive_cache_capacity": capacity_in_force(),
         "last_gen_throughput": s.last_gen_throughput,
         "context_length": s.context_len,
         "dtype": str(s.dtype).replace("torch.", ""),
