@@ -143,7 +143,8 @@ def flagged_server(tiny_model_path, tmp_path_factory):
                           ["--max-total-tokens", "4096", "--chunked-prefill-size", "-1",
                            "--schedule-policy", "lpm", "--max-running-requests", "2",
                            "--stream-interval", "4", "--max-queued-requests", "4",
-                           "--prefill-max-requests", "1", "--abort-on-priority-when-disabled"])
+                           "--prefill-max-requests", "1", "--abort-on-priority-when-disabled",
+                           "--decode-log-interval", "2"])
     yield server
     server.stop()
 
@@ -262,3 +263,32 @@ def test_the_idle_scheduler_trims_its_heap(flagged_server):
     while flagged_server.internal_state()["heap_trims"] < 1 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert flagged_server.internal_state()["heap_trims"] >= 1
+
+
+def test_the_scheduler_runs_with_a_bounded_onednn_cache(flagged_server):
+    """launch_server bounds oneDNN's primitive cache before the scheduler process starts, and the
+    scheduler's own environment (what oneDNN reads there) carries the bound."""
+    import os
+
+    from faser_sgl.executor.onednn_cache import DEFAULT_CAPACITY, ENV, LEGACY_ENV
+
+    expected = DEFAULT_CAPACITY
+    if os.environ.get(ENV) or os.environ.get(LEGACY_ENV):  # the user's own bound is kept
+        expected = int(os.environ.get(ENV) or os.environ[LEGACY_ENV])
+    assert flagged_server.internal_state()["onednn_primitive_cache_capacity"] == expected
+
+
+def test_the_log_has_sglangs_batch_lines_at_the_decode_log_interval(flagged_server):
+    """SGLang's per-step log lines (batch_log.py): people and tools read them, SGLang's own
+    test_large_max_new_tokens waits for "#running-req: N" in them."""
+    out = requests.post(flagged_server.base_url + "/generate", json={
+        "input_ids": [13, 17, 19, 23, 29],  # a prompt no other test sends: nothing cached
+        "sampling_params": {"max_new_tokens": 9, "temperature": 0, "ignore_eos": True}},
+        timeout=120)
+    assert out.status_code == 200, out.text
+    log = flagged_server.log()
+    assert "Prefill batch, #new-seq: 1, #new-token: 5, #cached-token: 0," in log
+    decode_lines = [line for line in log.splitlines() if "Decode batch, #running-req: 1, #token:" in line]
+    # 8 decode steps after the prefill's first token, a line every 2 of them.
+    assert len(decode_lines) >= 4, log[-3000:]
+    assert "gen throughput (token/s):" in decode_lines[-1] and "#queue-req: 0" in decode_lines[-1]

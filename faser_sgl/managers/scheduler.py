@@ -22,6 +22,7 @@ import torch
 from faser_sgl.executor.device import indexed_device, is_cuda
 from faser_sgl.managers import faults, server_state
 from faser_sgl.managers.batch_planner import BatchPlanner
+from faser_sgl.managers.batch_log import BatchLog
 from faser_sgl.managers.control import ControlHandler
 from faser_sgl.managers.decode_reservation import test_retract_interval
 from faser_sgl.managers.grammar import GrammarBackend
@@ -150,6 +151,7 @@ class Scheduler:
         )
         self.sampler = Sampler()
         self.heap_trimmer = HeapTrimmer(enabled=os.environ.get("FASER_HEAP_TRIM", "1") != "0")
+        self.batch_log = BatchLog(getattr(server_args, "decode_log_interval", None) or 40)
         self.stop_checker = StopChecker(self.tokenizer)
         self.policy = make_policy(options.speculative_policy, options.speculative_num_draft_tokens,
                                   options.speculative_cost_profile, options.batch_table,
@@ -431,6 +433,10 @@ class Scheduler:
         if to_send:
             self.send_outputs(to_send)
         self._update_throughput()
+        self.batch_log.after_step(
+            chunks, running=len(self.planner.running), waiting=len(self.planner.waiting),
+            used_slots=self.pool_size - self.allocator.num_available, total_slots=self.pool_size,
+            generated=self.stats["num_generated_tokens"] - generated_before, generator=self.generator)
         # The cost model's prediction of the step it chose, beside the measured time.
         prediction = getattr(self.generator, "last_prediction", None)
         observe_step = getattr(self.generator, "observe_step", None)
