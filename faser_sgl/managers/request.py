@@ -79,6 +79,10 @@ class Request:
     draft_cached: int = 0
     # Per-request draft length asked for in sampling_params.custom_params (fixed policy).
     requested_draft_len: Optional[int] = None
+    # SGLang's custom logit processor and the params dict it gets at every call (with
+    # "__req__"); such a request drafts nothing (managers/logit_processor.py says why).
+    logit_processor: Any = None
+    logit_params: Optional[dict] = None
     # Speculative decoding counters, per request (SGLang's names where they exist).
     spec_verify_ct: int = 0
     spec_accepted_drafts: int = 0

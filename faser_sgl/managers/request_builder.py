@@ -5,6 +5,7 @@ logprob and grammar state the request carries."""
 
 from __future__ import annotations
 
+from faser_sgl.managers import logit_processor
 from faser_sgl.managers.grammar import GrammarBackend, GrammarError
 from faser_sgl.managers.logprobs import make_state as make_logprob_state
 from faser_sgl.managers.logprobs import start_input as start_input_logprobs
@@ -25,8 +26,6 @@ def unsupported_feature(msg) -> str | None:
         return "LoRA adapters (lora_path)"
     if getattr(msg, "session_id", None) is not None or getattr(msg, "session_params", None):
         return "sessions (session_params)"
-    if getattr(msg, "custom_logit_processor", None):
-        return "custom_logit_processor"
     if getattr(msg, "return_hidden_states", False):
         return "return_hidden_states"
     return None
@@ -111,6 +110,14 @@ def build_request(s, msg) -> Request:
         requested_draft_len=draft_len,
     )
     req.logprobs, req.grammar = logprob_state, grammar
+    try:
+        req.logit_processor = logit_processor.load(
+            getattr(msg, "custom_logit_processor", None),
+            bool(getattr(s.server_args, "enable_custom_logit_processor", False)))
+    except logit_processor.LogitProcessorError as err:
+        raise BadRequest(str(err)) from None
+    if req.logit_processor is not None:
+        req.logit_params = logit_processor.params_of(req, getattr(sp, "custom_params", None))
     if s.options.record_acceptance and s.speculative and not req.is_health_check:
         req.spec_steps = []
     if logprob_state is not None and logprob_state.wants_input:

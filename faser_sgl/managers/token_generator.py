@@ -11,7 +11,7 @@ import time
 import torch
 
 from faser_sgl.executor.forward_batch import ForwardBatch
-from faser_sgl.managers import logprobs
+from faser_sgl.managers import logit_processor, logprobs
 from faser_sgl.managers.batch_planner import ScheduledChunk
 from faser_sgl.managers.request import Request
 
@@ -52,6 +52,11 @@ class TargetOnlyGenerator:
             for i, req in enumerate(sampled_reqs):
                 if req.grammar is not None:  # forbidden tokens get -inf, for logprobs too
                     apply_mask(logits[i], req.grammar.mask())
+        if any(r.logit_processor is not None for r in sampled_reqs):
+            logits = logits.clone()
+            for i, req in enumerate(sampled_reqs):
+                if req.logit_processor is not None:
+                    logits[i: i + 1] = logit_processor.apply(req, logits[i: i + 1])
         tokens = self.sampler.sample(
             logits,
             [r.sampling for r in sampled_reqs],

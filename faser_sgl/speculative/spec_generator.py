@@ -39,7 +39,7 @@ import torch
 
 from faser_sgl import kernels
 from faser_sgl.executor.forward_batch import ForwardBatch
-from faser_sgl.managers import logprobs
+from faser_sgl.managers import logit_processor, logprobs
 from faser_sgl.managers.batch_planner import ScheduledChunk
 from faser_sgl.managers.request import Request
 from faser_sgl.speculative.adaptive import CostCurve, StepOverhead, expected_tokens
@@ -169,6 +169,8 @@ class SpeculativeGenerator:
             # One token always comes from the target, so at most remaining-1 drafts are useful.
             remaining = req.stop.max_new_tokens - len(req.output_ids)
             k = max(0, min(k, remaining - 1))
+            if req.logit_processor is not None:  # one processor call per real token
+                k = 0
             lag = len(req.kv_slots) - req.draft_cached  # tokens pass 0 must feed
             if k > 0 and lag > budget:
                 if budget > 0:
@@ -622,6 +624,9 @@ class SpeculativeGenerator:
             masks = torch.stack([self._grammar_mask(req, len(prefix) + j) for j in range(n_rows)])
             logits = logits.clone()
             apply_mask(logits, masks)
+        if req.logit_processor is not None:  # it drafted nothing (_draft_lengths)
+            assert k == 0 and not prefix, "a request with a custom logit processor never drafts"
+            logits = logit_processor.apply(req, logits)
         if not bonus:
             logits = torch.cat([logits, logits[-1:]])
         histories = [req.output_ids + list(prefix) + draft[:j] for j in range(k + 1)]
