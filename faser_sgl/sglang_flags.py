@@ -112,4 +112,7 @@ def refused_features(server_args) -> list[tuple[str, str]]:
         refused.append(("--quantization", "the executor runs unquantized float32/bfloat16 weights"))
     if (value("kv_cache_dtype") or "auto") != "auto":
         refused.append(("--kv-cache-dtype", "the KV cache has the executor's dtype"))
+    if (value("grammar_backend") or "xgrammar") != "xgrammar":
+        refused.append(("--grammar-backend", f"constrained decoding runs on xgrammar only (asked: "
+                        f"{value('grammar_backend')}); outlines and llguidance are not served"))
     return refused

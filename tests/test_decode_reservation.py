@@ -100,3 +100,20 @@ def test_a_burst_that_would_thrash_is_admitted_without_retraction():
     learned, _ = run_burst(1.0, EOS)
     assert learned.num_retractions < unreserved.num_retractions
     assert learned.reservation.ratio > 0.7  # raised by a retraction to the requests' real use
+
+
+def test_the_output_clip_follows_sglangs_variable(monkeypatch):
+    """SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION bounds what a request's max_new_tokens counts for, as
+    in SGLang (its test_large_max_new_tokens lowers it so that four long requests run at once
+    in a small pool)."""
+    ignoring_eos = make_req("a", 10, 8000, stop_ids=frozenset())
+    assert DecodeReservation().future_tokens(ignoring_eos) == 4096
+    monkeypatch.setenv("SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION", "256")
+    reservation = DecodeReservation()
+    assert reservation.future_tokens(ignoring_eos) == 256
+    assert reservation.new_request_tokens(make_req("b", 10, 8000)) == 10 + 256
+    planner = BatchPlanner(SlotAllocator(1536), max_running_requests=8, max_step_tokens=512)
+    for i in range(4):  # 4 x (10 + 256) fit in 1536 slots; with the default clip only one runs
+        planner.add(make_req(f"r{i}", 10, 8000))
+    planner.plan()
+    assert len(planner.running) == 4

@@ -65,7 +65,8 @@ def test_refused_flags_name_the_reason_at_start_up(tiny_model_path):
                           (["--num-continuous-decode-steps", "4"], "multi-step decoding is not implemented"),
                           (["--page-size", "16"], "paged one token per slot"),
                           (["--prefill-max-requests", "0"], "must be at least 1, got 0"),
-                          (["--enable-prefill-delayer"], "DP-attention")]:
+                          (["--enable-prefill-delayer"], "DP-attention"),
+                          (["--grammar-backend", "outlines"], "xgrammar only")]:
         with pytest.raises(SystemExit, match=f"{flags[0]}.*{reason}"):
             prepare_args(["--model-path", tiny_model_path, *flags])
 

@@ -159,7 +159,7 @@ class BatchPlanner:
         headroom = len(self.running) * (1 + extra_slots_per_decode)
         if first_chunk <= 0 or self.allocator.num_available < first_chunk + headroom:
             return False
-        needed = num_tokens + min(max_new_tokens, DecodeReservation.CLIP_MAX_NEW_TOKENS) + extra_slots_per_decode
+        needed = num_tokens + min(max_new_tokens, self.reservation.clip) + extra_slots_per_decode
         return not self.running or self._fits_beside_running(needed, self._kept_for_running(extra_slots_per_decode))
 
     def _fits_beside_running(self, needed: float, kept: float) -> bool:

@@ -4,7 +4,7 @@ Admitting a request because its prompt fits today's free slots ignores that ever
 request will grow by up to its ``max_new_tokens``: under a burst the pool fills with prompts,
 the requests grow into each other, and the newest ones are retracted and recomputed (the
 30-minute soak in docs/reliability.md: 196 retractions for 238 requests).  SGLang's scheduler instead
-keeps back, for each running request, its remaining ``max_new_tokens`` (clipped at 4096)
+keeps back, for each running request, its remaining ``max_new_tokens`` (clipped at 4096, or at SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION as in SGLang)
 scaled by a ratio, the share of that budget it expects requests to really use:
 
 - the ratio starts at 0.7 x ``--schedule-conservativeness`` (at most 1) and decays linearly to
@@ -41,6 +41,8 @@ class DecodeReservation:
         self.min_ratio = min(self.init_ratio * self.MIN_RATIO_FACTOR, 1.0)
         self.decay = (self.init_ratio - self.min_ratio) / self.DECAY_STEPS
         self.ratio = self.init_ratio
+        # SGLang reads the clip from this variable too (its tests lower it to fit small pools).
+        self.clip = int(os.environ.get("SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION", self.CLIP_MAX_NEW_TOKENS))
 
     @staticmethod
     def ignores_eos(req: Request) -> bool:
@@ -48,14 +50,14 @@ class DecodeReservation:
 
     def future_tokens(self, req: Request) -> float:
         """Slots kept back for a running request's remaining output."""
-        left = min(max(req.stop.max_new_tokens - len(req.output_ids), 0), self.CLIP_MAX_NEW_TOKENS)
+        left = min(max(req.stop.max_new_tokens - len(req.output_ids), 0), self.clip)
         return left * (1.0 if self.ignores_eos(req) else self.ratio)
 
     def new_request_tokens(self, req: Request) -> int:
         """What a waiting request must find room for to be admitted: its uncached tokens and its
         whole clipped output budget (what is left of it, for a retracted request)."""
         left = max(req.stop.max_new_tokens - len(req.output_ids), 0)
-        return req.num_uncached + min(left, self.CLIP_MAX_NEW_TOKENS)
+        return req.num_uncached + min(left, self.clip)
 
     def decoded_without_retraction(self) -> None:
         self.ratio = max(self.ratio - self.decay, self.min_ratio)
