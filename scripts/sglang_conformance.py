@@ -99,13 +99,19 @@ def run_file(f, policy: str, root: Path, work: Path, timeout: float) -> dict[str
     xml = work / f"{Path(f.path).stem}.xml"
     xml.unlink(missing_ok=True)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "scripts"), str(REPO), env.get("PYTHONPATH", "")])
+    # The test file's own directory too, for the server it starts: a processor class of a test
+    # (custom logit processors) reaches the server by dill, which imports the class's module
+    # (SGLang runs these files as scripts, where that module is __main__ and travels whole).
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "scripts"), str(REPO), str((root / f.path).parent),
+                                         env.get("PYTHONPATH", "")])
     env["FASER_CONFORMANCE_SERVER_ARGS"] = f"--speculative-policy {policy}"
     env["FASER_CONFORMANCE_LOG_DIR"] = str(work)
     env.setdefault("HF_HUB_OFFLINE", "1")
     deselect = [a for t in manifest.NOT_APPLICABLE_TESTS if t.startswith(Path(f.path).name + "::")
                 for a in ("--deselect", f"{f.path}::{t.split('::', 1)[1]}")]
+    # Only unittest.TestCase classes, as SGLang runs these files (its Test*Mixin kits are not tests).
     cmd = [sys.executable, "-m", "pytest", f.path, "-p", "sglang_conformance_shim", "-q",
+           "-o", "python_classes=UnittestOnly",
            "-p", "no:cacheprovider", "--rootdir", str(root), f"--junitxml={xml}", *deselect]
     start = time.monotonic()
     with open(work / f"{Path(f.path).stem}.log", "w") as log:

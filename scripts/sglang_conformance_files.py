@@ -108,6 +108,20 @@ NOT_APPLICABLE_TESTS = {
         "a reranker model served with --is-embedding; this server serves generation only",
 }
 
+_OTHER_GRAMMAR = ("the {} grammar backend: constrained decoding here runs on xgrammar only "
+                  "(--grammar-backend {} is refused at start-up); the same tests run on xgrammar")
+_JSON_TESTS = ("test_json_generate", "test_json_invalid", "test_json_openai", "test_mix_json_and_other")
+_FORMATS = ("complex_json", "custom_log_format", "date", "email", "greeting", "hex_color", "number", "phone")
+_GRAMMAR_TESTS = (_JSON_TESTS + tuple(f"test_ebnf_generate_{f}" for f in _FORMATS + ("all_optional_function_params",))
+                  + tuple(f"test_regex_generate_{f}" for f in _FORMATS))
+for _backend, _cls, _tests in (("outlines", "TestOutlinesBackend", _JSON_TESTS),
+                               ("llguidance", "TestLLGuidanceBackend", _GRAMMAR_TESTS)):
+    for _test in _tests:
+        NOT_APPLICABLE_TESTS[f"test_constrained_decoding.py::{_cls}::{_test}"] = _OTHER_GRAMMAR.format(_backend, _backend)
+for _backend, _cls in (("outlines", "TestJSONModeOutlines"), ("llguidance", "TestJSONModeLLGuidance")):
+    for _test in ("test_json_mode_response", "test_json_mode_with_streaming"):
+        NOT_APPLICABLE_TESTS[f"test_json_mode.py::{_cls}::{_test}"] = _OTHER_GRAMMAR.format(_backend, _backend)
+
 # Failures that remain, each with its reason: a deliberate difference (documented in the README)
 # or a defect still open.  Filled from the runs; keys as in the table.
 KNOWN_FAILURES: dict[str, str] = {}
