@@ -62,16 +62,22 @@ def test_input_and_output_logprobs_match_the_reference(tiny_model_path, hf):
         assert e.chosen_values == pytest.approx(row[IDS].tolist(), abs=ATOL)
 
 
-def test_prefill_only_request_scores_the_prompt(tiny_model_path, hf):
+@pytest.mark.parametrize("policy", ["none", "fixed"])
+def test_prefill_only_request_scores_the_prompt(tiny_model_path, partial_draft_path, hf, policy):
     """max_new_tokens=0 with logprob_start_len=0 (how sgl.select scores its choices): the prompt
-    is computed, every token after the first gets a logprob, nothing is generated."""
-    engine = OfflineEngine(tiny_model_path, policy="none", kv_slots=512)
+    is computed, every token after the first gets a logprob, nothing is generated; with chosen
+    token ids asked for, the prompt's last row gives one output entry (SGLang's next-token row,
+    which its /v1/score reads), with and without speculation."""
+    draft = partial_draft_path if policy != "none" else None
+    engine = OfflineEngine(tiny_model_path, draft, policy=policy, kv_slots=512)
     req = run(engine, PROMPT, 0, 0)
     assert req.output_ids == [] and req.finished_reason["type"] == "length"
     ref = hf_logprobs(hf, PROMPT)
     values = [e.value for e in req.logprobs.inputs]
     assert values[0] is None and len(values) == len(PROMPT)
     assert values[1:] == pytest.approx([ref[i - 1, PROMPT[i]].item() for i in range(1, len(PROMPT))], abs=ATOL)
+    [next_row] = req.logprobs.outputs
+    assert next_row.chosen_values == pytest.approx(ref[len(PROMPT) - 1, IDS].tolist(), abs=ATOL)
     assert engine.runner.allocator.num_free == engine.runner.allocator.num_total
 
 

@@ -174,6 +174,17 @@ def message_fields(states: list[Optional[LogprobState]], finished: list[bool]) -
     return out
 
 
+def kept_entries(req, entries: list, kept: int) -> list:
+    """The output entries to record for a step that kept ``kept`` of its emitted tokens.  A
+    prefill-only request (max_new_tokens=0) that asked for chosen token ids keeps the entry of
+    the token its prompt's last row would have given, generated or not: SGLang reports that
+    next-token row for such requests, and its /v1/score reads output_token_ids_logprobs[0]."""
+    if kept == 0 and entries and req.stop.max_new_tokens == 0 and req.logprobs.token_ids is not None \
+            and not req.logprobs.outputs:
+        return entries[:1]
+    return entries[:kept]
+
+
 # -- the generators' side ---------------------------------------------------------------------
 def input_row_plan(chunks) -> list[list[int]]:
     """Per scheduled chunk, the rows (chunk-relative) whose logits give input logprobs this

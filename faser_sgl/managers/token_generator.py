@@ -65,10 +65,11 @@ class TargetOnlyGenerator:
         )
         out = {}
         for i, (req, token) in enumerate(zip(sampled_reqs, tokens.tolist())):
+            history = list(req.output_ids)  # the output before the token
             kept = self.stop_checker.append(req, [token])
-            if kept and req.logprobs is not None:  # (its history: the output before the token)
-                req.logprobs.outputs.extend(logprobs.emitted_entries(
-                    self.sampler, req, logits[i: i + 1], [req.output_ids[:-1]], [token]))
+            if req.logprobs is not None and (kept or req.stop.max_new_tokens == 0):
+                req.logprobs.outputs.extend(logprobs.kept_entries(req, logprobs.emitted_entries(
+                    self.sampler, req, logits[i: i + 1], [history], [token]), kept))
             if kept and req.grammar is not None:
                 req.grammar.commit([token])
             out[req] = [token][:kept]

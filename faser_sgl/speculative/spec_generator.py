@@ -418,7 +418,7 @@ class SpeculativeGenerator:
         kept = self.stop_checker.append(req, emitted)
         entries = self._emitted_logprobs.pop(id(req), None)
         if entries:
-            req.logprobs.outputs.extend(entries[:kept])
+            req.logprobs.outputs.extend(logprobs.kept_entries(req, entries, kept))
         self._grammar_masks.pop(id(req), None)
         if req.grammar is not None:
             req.grammar.commit(emitted[:kept])
