@@ -13,7 +13,11 @@ imported (``pytest -p sglang_conformance_shim``), this plugin
   FASER_CONFORMANCE_MODEL (default: the embedded target), since this machine has no model hub;
   the tests load their tokenizers from the same names, so they see the served model's.
 
-Nothing else of the tests changes.  scripts/sglang_conformance.py runs the files with it.
+Nothing else of the tests changes, except one flag spelling (RENAMED_FLAGS): the pinned copy of
+test_srt_endpoint.py predates 0.5.23's split of --cuda-graph-max-bs into -decode/-prefill, and
+0.5.23's own parser rejects the old spelling as ambiguous (SGLang 0.5.23 cannot start that test
+either), so the shim passes it under the new name.  scripts/sglang_conformance.py runs the files
+with it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import sglang.test.test_utils as sglang_test_utils
 SERVER_ARGS_ENV = "FASER_CONFORMANCE_SERVER_ARGS"
 MODEL_ENV = "FASER_CONFORMANCE_MODEL"
 LOG_DIR_ENV = "FASER_CONFORMANCE_LOG_DIR"
+# Flags of older SGLang test copies under their 0.5.23 names (see the module docstring).
+RENAMED_FLAGS = {"--cuda-graph-max-bs": "--cuda-graph-max-bs-decode"}
 
 
 def _local_model() -> str:
@@ -58,8 +64,9 @@ def faser_command(model: str, base_url: str, api_key: str | None, other_args) ->
     _, host, port = base_url.split(":")
     host = host.removeprefix("//")
     served = model if not _is_hub_id(model) else _local_model()
+    args = [RENAMED_FLAGS.get(str(a), str(a)) for a in (other_args or [])]
     command = [sys.executable, "-m", "faser_sgl.launch_server", "--model-path", served,
-               *[str(a) for a in (other_args or [])], "--host", host, "--port", port]
+               *args, "--host", host, "--port", port]
     if api_key:
         command += ["--api-key", api_key]
     return command + shlex.split(os.environ.get(SERVER_ARGS_ENV, ""))

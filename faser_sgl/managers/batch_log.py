@@ -44,7 +44,8 @@ class BatchLog:
             self._log(f"Prefill batch, #new-seq: {len(new_seqs)}, "
                       f"#new-token: {sum(len(c.tokens) for c in prefills)}, "
                       f"#cached-token: {sum(c.req.cached_tokens for c in new_seqs)}, "
-                      f"token usage: {usage:.2f}, #running-req: {running - len(new_seqs)}, "
+                      # (the requests decoding beside the prefill, as SGLang's running batch)
+                      f"token usage: {usage:.2f}, #running-req: {len(chunks) - len(prefills)}, "
                       f"#queue-req: {waiting}, ")
         self._generated += generated
         if len(prefills) == len(chunks):
