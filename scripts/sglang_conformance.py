@@ -94,7 +94,7 @@ def parse_junit(xml_path: Path, path: str) -> dict[str, dict]:
     return out
 
 
-def run_file(f, policy: str, root: Path, work: Path, timeout: float) -> dict[str, dict]:
+def run_file(f, policy: str, root: Path, work: Path, timeout: float, port: int | None = None) -> dict[str, dict]:
     work.mkdir(parents=True, exist_ok=True)
     xml = work / f"{Path(f.path).stem}.xml"
     xml.unlink(missing_ok=True)
@@ -106,8 +106,11 @@ def run_file(f, policy: str, root: Path, work: Path, timeout: float) -> dict[str
                                          env.get("PYTHONPATH", "")])
     env["FASER_CONFORMANCE_SERVER_ARGS"] = f"--speculative-policy {policy}"
     env["FASER_CONFORMANCE_LOG_DIR"] = str(work)
+    if port:
+        env["FASER_CONFORMANCE_PORT"] = str(port)
     env.setdefault("HF_HUB_OFFLINE", "1")
-    deselect = [a for t in manifest.NOT_APPLICABLE_TESTS if t.startswith(Path(f.path).name + "::")
+    skipped = {**manifest.NOT_APPLICABLE_TESTS, **manifest.NOT_RUN_HERE}
+    deselect = [a for t in skipped if t.startswith(Path(f.path).name + "::")
                 for a in ("--deselect", f"{f.path}::{t.split('::', 1)[1]}")]
     # Only unittest.TestCase classes, as SGLang runs these files (its Test*Mixin kits are not tests).
     cmd = [sys.executable, "-m", "pytest", f.path, "-p", "sglang_conformance_shim", "-q",
@@ -145,7 +148,7 @@ def write_report(results: dict, report: Path) -> None:
              f"scripts/sglang_conformance_shim.py; installed SGLang {manifest.SGLANG_VERSION}. "
              f"{manifest.PROVENANCE}", "",
              "## Counts per file", "",
-             "| file | commit | " + " | ".join(f"{p}: pass / fail / skip / n/a" for p in policies) + " |",
+             "| file | commit | " + " | ".join(f"{p}: pass / fail / skip / n/a / not run" for p in policies) + " |",
              "|---|---|" + "---|" * len(policies)]
     for f in files:
         name = Path(f.path).name
@@ -153,13 +156,17 @@ def write_report(results: dict, report: Path) -> None:
         for p in policies:
             rows = [r for k, r in results[p].items() if k.startswith(name + "::")]
             na = sum(1 for t in manifest.NOT_APPLICABLE_TESTS if t.startswith(name + "::"))
+            not_run = sum(1 for t in manifest.NOT_RUN_HERE if t.startswith(name + "::"))
             count = {s: sum(r["status"] == s for r in rows) for s in (PASS, FAIL, SKIP)}
-            cells.append(f"{count[PASS]} / {count[FAIL]} / {count[SKIP]} / {na}" if rows or na else "not run")
+            cells.append(f"{count[PASS]} / {count[FAIL]} / {count[SKIP]} / {na} / {not_run}"
+                         if rows or na or not_run else "not run")
         lines.append(f"| {f.path} | {f.commit[:10] or 'sha256 only'} | " + " | ".join(cells) + " |")
     lines += ["", "## Files that do not apply", "", "| file | why |", "|---|---|"]
     lines += [f"| {path} | {why} |" for path, why in manifest.NOT_APPLICABLE_FILES.items()]
     lines += ["", "## Tests that do not apply (not run)", "", "| test | why |", "|---|---|"]
     lines += [f"| {t} | {why} |" for t, why in manifest.NOT_APPLICABLE_TESTS.items()]
+    lines += ["", "## Tests that apply but were not run on this machine", "", "| test | why |", "|---|---|"]
+    lines += [f"| {t} | {why} |" for t, why in manifest.NOT_RUN_HERE.items()]
     lines += ["", "## Tests that fail or are skipped", "",
               "| policy | test | status | reason (documented) or first line of the error |", "|---|---|---|---|"]
     for p in policies:
@@ -182,6 +189,8 @@ def main() -> None:
     p.add_argument("--report", type=Path, default=REPO / "docs" / "sglang_conformance.md")
     p.add_argument("--work", type=Path, default=Path("/tmp/sglang_conformance"))
     p.add_argument("--timeout", type=float, default=2400.0, help="seconds per file")
+    p.add_argument("--port", type=int, default=None,
+                   help="the tests' server port (default: SGLang's DEFAULT_URL_FOR_TEST)")
     args = p.parse_args()
     root = tests_dir()
     if args.fetch:
@@ -191,22 +200,22 @@ def main() -> None:
     wanted = [f for f in manifest.FILES
               if not args.files or any(s in f.path for s in args.files.split(","))]
     results_path = args.report.parent / args.report.stem / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for policy in args.policies.split(","):
-        policy_results = results.setdefault(policy, {})
         for f in wanted:
             name = Path(f.path).name
             print(f"[{time.strftime('%H:%M:%S')}] {policy}: {f.path}", flush=True)
-            fresh = run_file(f, policy, root, args.work / policy, args.timeout)
+            fresh = run_file(f, policy, root, args.work / policy, args.timeout, args.port)
+            counts = {s: sum(r["status"] == s for r in fresh.values()) for s in (PASS, FAIL, SKIP)}
+            print(f"    {counts}", flush=True)
+            # Read, merge, write per file: another run (another policy, --port) may write too.
+            results = json.loads(results_path.read_text()) if results_path.exists() else {}
+            policy_results = results.setdefault(policy, {})
             for key in [k for k in policy_results if k.startswith(name + "::")]:
                 del policy_results[key]
             policy_results.update(fresh)
-            counts = {s: sum(r["status"] == s for r in fresh.values()) for s in (PASS, FAIL, SKIP)}
-            print(f"    {counts}", flush=True)
             results_path.parent.mkdir(parents=True, exist_ok=True)
             results_path.write_text(json.dumps(classify(results), indent=1, sort_keys=True))
             write_report(results, args.report)
-
 
 if __name__ == "__main__":
     main()

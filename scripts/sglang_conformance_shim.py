@@ -32,6 +32,8 @@ import sglang.test.test_utils as sglang_test_utils
 SERVER_ARGS_ENV = "FASER_CONFORMANCE_SERVER_ARGS"
 MODEL_ENV = "FASER_CONFORMANCE_MODEL"
 LOG_DIR_ENV = "FASER_CONFORMANCE_LOG_DIR"
+# Another port for the tests' server (DEFAULT_URL_FOR_TEST), so that two runs can go side by side.
+PORT_ENV = "FASER_CONFORMANCE_PORT"
 # Flags of older SGLang test copies under their 0.5.23 names (see the module docstring).
 RENAMED_FLAGS = {"--cuda-graph-max-bs": "--cuda-graph-max-bs-decode"}
 
@@ -101,6 +103,8 @@ def popen_launch_faser_server(model, base_url, timeout, api_key=None, other_args
 
 
 def _install() -> None:
+    if os.environ.get(PORT_ENV):
+        sglang_test_utils.DEFAULT_URL_FOR_TEST = f"http://127.0.0.1:{int(os.environ[PORT_ENV])}"
     mapped = map_hub_models(sglang_test_utils, _local_model())
     sglang_test_utils.popen_launch_server = popen_launch_faser_server
     print(f"faser conformance shim: {len(mapped)} model ids mapped to {_local_model()}", flush=True)
