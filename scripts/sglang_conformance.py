@@ -210,8 +210,11 @@ def main() -> None:
             # Read, merge, write per file: another run (another policy, --port) may write too.
             results = json.loads(results_path.read_text()) if results_path.exists() else {}
             policy_results = results.setdefault(policy, {})
-            for key in [k for k in policy_results if k.startswith(name + "::")]:
-                del policy_results[key]
+            listed = {Path(g.path).name for g in manifest.FILES}
+            skipped = {**manifest.NOT_APPLICABLE_TESTS, **manifest.NOT_RUN_HERE}
+            for key in [k for k in policy_results if k.startswith(name + "::")
+                        or k.split("::")[0] not in listed or k in skipped]:
+                del policy_results[key]  # rerun, no longer listed, or now not applicable
             policy_results.update(fresh)
             results_path.parent.mkdir(parents=True, exist_ok=True)
             results_path.write_text(json.dumps(classify(results), indent=1, sort_keys=True))

@@ -55,13 +55,16 @@ FILES = [
     TestFile("test/registered/openai_server/validation/test_request_length_validation.py",
              "778ace6dab49275dc5caac6fdfd4986441af9a6b",
              "078cc6c5c96996948dac01c291025dd4aee45b6154e1f4f99377233f78135d19"),
-    TestFile("test/registered/openai_server/validation/test_strict_model_validation.py",
-             "d454f1f3ee12ecb32045c137568a0c5bbf26f15b",
-             "79920b64435692a0b455ca1b2c663521d1519ea2862d167591f6e7efda5ce9d1"),
 ]
 
 _MODEL_FAMILY = "needs a model family the embedded pair is not"
 NOT_APPLICABLE_FILES = {
+    "test/registered/openai_server/validation/test_strict_model_validation.py "
+    "(d454f1f3, sha256 79920b64...)":
+        "not SGLang 0.5.23's behaviour: the copy comes from a later SGLang that answers an unknown "
+        "OpenAI `model` with a 400; 0.5.23's own serving_chat / serving_completions (SGLang's code, "
+        "run unchanged here) accept any model name, so 0.5.23 fails it too (run on 2026-12-07: "
+        "2 of 4 failed for that reason, the valid-name and LoRA-syntax tests passed)",
     "test/registered/openai_server/features/test_usage_tokens.py":
         f"{_MODEL_FAMILY}: a reasoning model with a </think> token (DeepSeek-R1 distill) and its "
         "reasoning parser; Qwen2.5-Coder's tokenizer has no such token",
@@ -98,6 +101,9 @@ NOT_APPLICABLE_FILES = {
 _LONG_CONTEXT = ("needs a context longer than the embedded target's 32,768 tokens (SGLang runs it on "
                  "Llama-3.2-1B, 128k)")
 NOT_APPLICABLE_TESTS = {
+    "test_matched_stop.py::TestMatchedStop::test_finish_stop_eos":
+        f"{_MODEL_FAMILY}: a Llama-3 chat prompt that must end on one of Llama-3's EOS ids "
+        "(128000, 128009, 2); Qwen2.5-Coder has other EOS ids and does not stop on that prompt",
     "test_srt_endpoint.py::TestSRTEndpoint::test_logprob_with_chunked_prefill":
         f"{_LONG_CONTEXT}: a prompt of ~64k tokens",
     "test_srt_endpoint.py::TestSRTEndpoint::test_logprob_mixed":
@@ -134,4 +140,11 @@ NOT_RUN_HERE = {
 
 # Failures that remain, each with its reason: a deliberate difference (documented in the README)
 # or a defect still open.  Filled from the runs; keys as in the table.
-KNOWN_FAILURES: dict[str, str] = {}
+_OLDER_COPY = ("the pinned copy predates 0.5.23 here: it expects the Responses API's usage as "
+               "prompt_tokens/completion_tokens, but 0.5.23's own serving_responses (SGLang's code, "
+               "run unchanged by this server) reports OpenAI's input_tokens/output_tokens, so SGLang "
+               "0.5.23 fails it too")
+KNOWN_FAILURES: dict[str, str] = {
+    "test_openai_server.py::TestOpenAIServerv1Responses::test_response": _OLDER_COPY,
+    "test_openai_server.py::TestOpenAIServerv1Responses::test_penalty": _OLDER_COPY,
+}

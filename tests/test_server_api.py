@@ -116,6 +116,31 @@ def test_stop_string_and_stop_token(tiny_server):
         assert text.startswith(out["text"])
 
 
+def test_stop_regex_ends_the_output_at_its_first_match(tiny_server, hf_ref):
+    """SGLang's stop_regex: the pattern is searched in the output's tail text; the output ends
+    with the first token that completes a match, and matched_stop is the pattern.  A pattern
+    that does not compile is a 400."""
+    import re
+
+    tokenizer = hf_ref[1]
+    base = generate(tiny_server, input_ids=[11, 12, 13], sampling_params={
+        "max_new_tokens": 20, "temperature": 0, "ignore_eos": True})["output_ids"]
+    text = tokenizer.decode(base, skip_special_tokens=True)
+    letters = [c for c in text if c.isalpha()]
+    assert len(letters) > 2, text
+    pattern = re.escape(letters[len(letters) // 2]) + "|" + re.escape(letters[-1])
+    out = generate(tiny_server, input_ids=[11, 12, 13], sampling_params={
+        "max_new_tokens": 20, "temperature": 0, "ignore_eos": True, "stop_regex": pattern})
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": pattern}
+    ids = out["output_ids"]
+    assert ids == base[:len(ids)]
+    assert re.search(pattern, tokenizer.decode(ids, skip_special_tokens=True))
+    assert not re.search(pattern, tokenizer.decode(ids[:-1], skip_special_tokens=True))
+    bad = requests.post(f"{tiny_server.base_url}/generate", timeout=60, json={
+        "input_ids": [11, 12, 13], "sampling_params": {"max_new_tokens": 4, "stop_regex": "(unclosed"}})
+    assert bad.status_code == 400, bad.text
+
+
 def test_seeded_sampling_is_reproducible(tiny_server):
     params = {"max_new_tokens": 16, "temperature": 1.0, "top_p": 0.9, "sampling_seed": 1234,
               "ignore_eos": True}

@@ -51,6 +51,10 @@ class StopConditions:
     stop_strs: tuple[str, ...] = ()
     stop_str_max_tokens: int = 0  # longest stop string in tokens, bounds the text to re-decode
     min_new_tokens: int = 0  # stop tokens do not end the output before this many tokens
+    # SGLang's stop_regex: compiled patterns, searched in the output's tail text; the tail is
+    # the last stop_regex_max_len + 1 tokens (the longest match in characters, SGLang's bound).
+    stop_regexes: tuple = ()
+    stop_regex_max_len: int = 0
 
 
 @dataclass(eq=False)

@@ -5,6 +5,8 @@ logprob and grammar state the request carries."""
 
 from __future__ import annotations
 
+import re
+
 from faser_sgl.managers import logit_processor
 from faser_sgl.managers.grammar import GrammarBackend, GrammarError
 from faser_sgl.managers.logprobs import make_state as make_logprob_state
@@ -66,12 +68,18 @@ def build_request(s, msg) -> Request:
     if not sp.ignore_eos:
         stop_ids = set(s.eos_token_ids) | set(sp.stop_token_ids or ())
     stop_strs = tuple(getattr(sp, "stop_strs", None) or ())
+    try:
+        stop_regexes = tuple(re.compile(r) for r in (getattr(sp, "stop_regex_strs", None) or ()))
+    except (re.error, RecursionError) as err:
+        raise BadRequest(f"invalid stop_regex: {err}") from None
     stop = StopConditions(
         max_new_tokens=max_new,
         stop_token_ids=frozenset(stop_ids),
         stop_strs=stop_strs,
         stop_str_max_tokens=int(getattr(sp, "stop_str_max_len", 0) or 0),
         min_new_tokens=int(sp.min_new_tokens or 0),
+        stop_regexes=stop_regexes,
+        stop_regex_max_len=int(getattr(sp, "stop_regex_max_len", 0) or 0),
     )
     sampling = SamplingOptions.from_sglang(sp, s.vocab_size, sorted(stop_ids))
     sampling.coupled = uses_coupled_sampling(s.options.sampling_scheme, sampling)

@@ -42,6 +42,10 @@ class StopChecker:
             matched = self._matched_stop_str(req)
             if matched is not None:
                 return finish_stop(matched)
+        if stop.stop_regexes and self.tokenizer is not None:
+            matched = self._matched_stop_regex(req)
+            if matched is not None:
+                return finish_stop(matched)
         if len(req.output_ids) >= stop.max_new_tokens:
             return finish_length(stop.max_new_tokens)
         return None
@@ -54,4 +58,14 @@ class StopChecker:
         for s in req.stop.stop_strs:
             if s in text:
                 return s
+        return None
+
+    def _matched_stop_regex(self, req: Request) -> Optional[str]:
+        """The first stop_regex pattern found in the output's tail (SGLang's rule and its
+        matched_stop: the pattern itself)."""
+        window = req.output_ids[-(req.stop.stop_regex_max_len + 1):]
+        text = self.tokenizer.decode(window, skip_special_tokens=req.skip_special_tokens)
+        for pattern in req.stop.stop_regexes:
+            if pattern.search(text):
+                return pattern.pattern
         return None
