@@ -469,7 +469,20 @@ class Traffic:
         prompt, _ = self._prompt(rng)
         body = {**prompt, "rid": f"fault-{kind}-{self.new_rid('fault')}",
                 "sampling_params": {"max_new_tokens": self._max_new_tokens(rng, high=16), "temperature": 0.0}}
-        outcome = self._send("fault", "/generate", body, generate_finish_reasons, features=(f"fault_{kind}",))
+        drafted = []  # the request's spec_num_proposed_drafts (speculative servers report it)
+
+        def reasons(payload):
+            meta = payload.get("meta_info") if isinstance(payload, dict) else None
+            if isinstance(meta, dict) and "spec_num_proposed_drafts" in meta:
+                drafted.append(meta["spec_num_proposed_drafts"])
+            return generate_finish_reasons(payload)
+
+        outcome = self._send("fault", "/generate", body, reasons, features=(f"fault_{kind}",))
+        if kind == "draft" and outcome.outcome == OK and drafted == [0]:
+            # No draft pass carried it (a 1-token answer, or a policy that chose no drafts for
+            # it): there was nothing to fault, and completing is right.
+            outcome.features += ("fault_draft_never_drafted",)
+            return outcome
         if kind == "stall":
             if outcome.outcome == ERROR_5XX:
                 outcome.problem, outcome.injected = f"fault: a stalled request failed: HTTP {outcome.status}", False
