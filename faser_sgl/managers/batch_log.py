@@ -32,7 +32,6 @@ class BatchLog:
         self._since = time.perf_counter()
         self._generated = 0
         self._verify_marks = (0, 0)  # (verification passes, tokens emitted by them) at the last line
-        self.lines = 0
 
     def after_step(self, chunks, *, running: int, waiting: int, used_slots: int, total_slots: int,
                    generated: int, generator=None) -> None:
@@ -41,7 +40,7 @@ class BatchLog:
         prefills = [c for c in chunks if not is_decode(c)]
         if prefills:
             new_seqs = [c for c in prefills if len(c.req.kv_slots) - len(c.tokens) <= c.req.cached_tokens]
-            self._log(f"Prefill batch, #new-seq: {len(new_seqs)}, "
+            logger.info(f"Prefill batch, #new-seq: {len(new_seqs)}, "
                       f"#new-token: {sum(len(c.tokens) for c in prefills)}, "
                       f"#cached-token: {sum(c.req.cached_tokens for c in new_seqs)}, "
                       # (the requests decoding beside the prefill, as SGLang's running batch)
@@ -63,8 +62,4 @@ class BatchLog:
             d_steps, d_emitted = steps - self._verify_marks[0], emitted - self._verify_marks[1]
             self._verify_marks = (steps, emitted)
             msg += f"accept len: {d_emitted / d_steps if d_steps else 0.0:.2f}, "
-        self._log(msg + f"gen throughput (token/s): {throughput:.2f}, #queue-req: {waiting}, ")
-
-    def _log(self, line: str) -> None:
-        self.lines += 1
-        logger.info(line)
+        logger.info(msg + f"gen throughput (token/s): {throughput:.2f}, #queue-req: {waiting}, ")

@@ -45,17 +45,14 @@ class TargetOnlyGenerator:
         sampled_reqs = [c.req for c in chunks if c.needs_logits]
         if not sampled_reqs:
             return {}
-        if any(r.grammar is not None for r in sampled_reqs):
-            from faser_sgl.managers.grammar import apply_mask  # (xgrammar: only with grammars)
-
+        if any(r.grammar is not None or r.logit_processor is not None for r in sampled_reqs):
             logits = logits.clone()  # (the forward's output is an inference tensor)
             for i, req in enumerate(sampled_reqs):
                 if req.grammar is not None:  # forbidden tokens get -inf, for logprobs too
+                    from faser_sgl.managers.grammar import apply_mask  # (xgrammar: only with grammars)
+
                     apply_mask(logits[i], req.grammar.mask())
-        if any(r.logit_processor is not None for r in sampled_reqs):
-            logits = logits.clone()
-            for i, req in enumerate(sampled_reqs):
-                if req.logit_processor is not None:
+                if req.logit_processor is not None:  # after the mask, as in SGLang
                     logits[i: i + 1] = logit_processor.apply(req, logits[i: i + 1])
         tokens = self.sampler.sample(
             logits,
@@ -65,9 +62,9 @@ class TargetOnlyGenerator:
         )
         out = {}
         for i, (req, token) in enumerate(zip(sampled_reqs, tokens.tolist())):
-            history = list(req.output_ids)  # the output before the token
             kept = self.stop_checker.append(req, [token])
             if req.logprobs is not None and (kept or req.stop.max_new_tokens == 0):
+                history = req.output_ids[:len(req.output_ids) - kept]  # the output before the token
                 req.logprobs.outputs.extend(logprobs.kept_entries(req, logprobs.emitted_entries(
                     self.sampler, req, logits[i: i + 1], [history], [token]), kept))
             if kept and req.grammar is not None:
