@@ -283,7 +283,9 @@ def test_the_log_has_sglangs_batch_lines_at_the_decode_log_interval(flagged_serv
     """SGLang's per-step log lines (batch_log.py): people and tools read them, SGLang's own
     test_large_max_new_tokens waits for "#running-req: N" in them."""
     out = requests.post(flagged_server.base_url + "/generate", json={
-        "input_ids": [13, 17, 19, 23, 29],  # a prompt no other test sends: nothing cached
+        # A first token no other test's prompt starts with (test_max_queued_requests_... sends
+        # [3 + i, ...] for i < 12), so the radix cache holds no prefix of it.
+        "input_ids": [101, 17, 19, 23, 29],
         "sampling_params": {"max_new_tokens": 9, "temperature": 0, "ignore_eos": True}},
         timeout=120)
     assert out.status_code == 200, out.text
