@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     from faser_sgl.managers.tokenizer_hooks import init_faser_tokenizer_manager
 
     app.add_middleware(ShutdownGate, manager=lambda: tokenizer_hooks.ACTIVE)
-    app.add_middleware(RequestGuard, manager=lambda: tokenizer_hooks.ACTIVE)
+    app.add_middleware(RequestGuard, max_body_bytes=options.max_request_bytes or None,
+                       manager=lambda: tokenizer_hooks.ACTIVE)
 
     try:
         launch_server(server_args, init_tokenizer_manager_func=init_faser_tokenizer_manager,

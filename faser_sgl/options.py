@@ -83,6 +83,9 @@ class FaserOptions:
     # Work waiting and no forward pass for this many seconds at least (more after long steps:
     # managers/progress_watchdog.py): the scheduler answers what can never start, or exits.
     progress_timeout: float = 60.0
+    # Largest body a generation endpoint accepts (413 above it, before it is buffered:
+    # managers/request_guard.py); 0: no limit, as SGLang's own server has none.
+    max_request_bytes: int = 32 << 20
     # Append each finished request's verification steps [(drafts, accepted), ...] to this JSONL
     # file (the simulator's acceptance traces, faser_sgl/sim/acceptance.py); None: off.
     record_acceptance: str | None = None
@@ -213,6 +216,11 @@ class FaserOptions:
         group.add_argument("--faser-shutdown-timeout", type=float, default=FaserOptions.shutdown_timeout,
                            help="on SIGTERM, refuse new requests (503) and give the running ones this "
                                 "many seconds to finish; the rest are aborted, then the server exits 0")
+        group.add_argument("--faser-max-request-bytes", type=int, default=FaserOptions.max_request_bytes,
+                           metavar="BYTES",
+                           help="largest request body /generate and the OpenAI endpoints accept; a "
+                                "larger one gets a 413 before it is read whole (default 32 MiB; 0: "
+                                "no limit, as SGLang's own server)")
         group.add_argument("--faser-progress-timeout", type=float, default=FaserOptions.progress_timeout,
                            metavar="SECONDS",
                            help="work waiting and no forward pass for this long (at least; 50x the "
@@ -243,6 +251,8 @@ class FaserOptions:
             raise SystemExit("--faser-early-exit needs a speculative policy (fixed, adaptive or faser)")
         if not args.faser_shutdown_timeout >= 0:
             raise SystemExit("--faser-shutdown-timeout must be a number of seconds >= 0")
+        if args.faser_max_request_bytes < 0:
+            raise SystemExit("--faser-max-request-bytes must be a number of bytes >= 0 (0: no limit)")
         if not args.faser_progress_timeout > 0:
             raise SystemExit("--faser-progress-timeout must be a number of seconds > 0")
         if args.faser_exit_candidates < 1:
@@ -310,6 +320,7 @@ class FaserOptions:
             pipeline_split=split,
             shutdown_timeout=args.faser_shutdown_timeout,
             progress_timeout=args.faser_progress_timeout,
+            max_request_bytes=args.faser_max_request_bytes,
             record_acceptance=args.faser_record_acceptance,
             record_steps=args.faser_record_steps,
         )

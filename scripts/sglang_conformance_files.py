@@ -59,12 +59,11 @@ FILES = [
 
 # What the saved results are, printed at the top of the table (say it when they go stale).
 RUN_NOTES = (
-    "State (2026-12-07): `none` ran at d933692 (23:39-00:12 UTC, Intel Xeon with AMX, 2 cores, "
-    "bfloat16), beside a soak on the same cores. Fixed after that run and not yet rerun through "
-    "this table: `/v1/score` (748b1c6: TestOpenAIV1Score's two 500s), `stop_regex` (86292e1: "
-    "test_finish_stop_regex_str), and the shim's flag rename that lets test_srt_endpoint.py start "
-    "at all (e573ff7: its 18 setup errors). The `faser` run was started and stopped unfinished "
-    "(the machine was needed for the fault-injection soak alone); it has no results yet.")
+    "State (2026-12-08): both policies ran at 8ae2ecb, alone on the machine (`none` 02:15-02:48 "
+    "UTC, `faser` 02:48-03:23 UTC; AMD EPYC, 2 cores, avx512_bf16, no AMX; bfloat16 chosen by "
+    "--faser-dtype auto), with `python scripts/sglang_conformance.py --work /tmp/conf`. The two "
+    "tests SGLang itself marks skip (its stateful custom logit processor tests, `unittest.skip` "
+    "in the file) count as skip.")
 
 _MODEL_FAMILY = "needs a model family the embedded pair is not"
 NOT_APPLICABLE_FILES = {

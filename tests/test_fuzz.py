@@ -156,3 +156,26 @@ def test_oversized_body_is_refused_before_it_is_read(server):
 
 def test_server_still_serves_after_fuzzing(server):
     assert_still_serving(server)
+
+
+def test_the_request_size_limit_follows_its_flag(tiny_model_path, tmp_path_factory):
+    """--faser-max-request-bytes sets the 413 bound (SGLang's own server has none, so a user
+    who sends large batches raises it, or turns it off with 0)."""
+    from server_utils import start_server
+
+    limit = 1 << 20
+    server = start_server(tiny_model_path, tmp_path_factory.mktemp("body_limit"),
+                          ["--max-total-tokens", "4096", "--faser-max-request-bytes", str(limit)])
+    try:
+        def generate(body: bytes):
+            return send(server, FuzzCase("body", "POST", GENERATE, body, {"Content-Type": "application/json"}))
+
+        status, text = generate(b'{"text": "' + b"a" * (2 << 20) + b'"}')
+        assert status == 413 and f"larger than {limit} bytes" in error_message(text), (status, text[:300])
+        # Under the bound the body is read and judged on what it asks (here: a prompt longer
+        # than the context), not on its size.
+        status, text = generate(b'{"text": "' + b"a b " * (200 << 10) + b'"}')
+        assert status == 400 and "larger than" not in error_message(text), (status, text[:300])
+        assert_still_serving(server)
+    finally:
+        server.stop()

@@ -5,7 +5,8 @@ The fuzzer (faser_sgl/bench/fuzz.py) found request shapes that SGLang 0.5.23 ans
 batch, overflow an int64 array) or silently accepts (n < 1, max_tokens=true, NaN logit_bias).
 A client error must be a 4xx with a message, so the RequestGuard middleware refuses those
 shapes with a 400 and passes every other request through untouched: what SGLang already
-validates well is left to it.  Bodies beyond MAX_BODY_BYTES get a 413 before being buffered.
+validates well is left to it.  Bodies beyond --faser-max-request-bytes (default MAX_BODY_BYTES)
+get a 413 before being buffered.
 """
 
 from __future__ import annotations
@@ -217,9 +218,9 @@ class RequestGuard:
     """ASGI middleware: buffer a guarded POST's body, refuse it (400/413) or replay it to the
     app; later receive() calls go to the client's stream, so disconnects are still seen."""
 
-    def __init__(self, app, max_body_bytes: int = MAX_BODY_BYTES, manager=None):
+    def __init__(self, app, max_body_bytes: int | None = MAX_BODY_BYTES, manager=None):
         self.app = app
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes = max_body_bytes  # None: no limit (--faser-max-request-bytes 0)
         self.manager = manager  # () -> the TokenizerManager, for the prompt length bound
         self._char_limit: int | None = None
         self._char_limit_known = False
@@ -244,7 +245,7 @@ class RequestGuard:
                 return  # the client left before sending its request
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
+            if self.max_body_bytes is not None and size > self.max_body_bytes:
                 await _answer(send, 413, f"request body larger than {self.max_body_bytes} bytes")
                 return
             chunks.append(chunk)
