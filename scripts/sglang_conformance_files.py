@@ -151,8 +151,7 @@ NOT_RUN_HERE = {
 _OLDER_COPY = ("the pinned copy and the pinned package disagree here: the test expects the Responses "
                "API's usage as prompt_tokens/completion_tokens, but 0.5.23's own serving_responses "
                "(SGLang's code, run unchanged by this server) reports OpenAI's input_tokens/"
-               "output_tokens, so SGLang 0.5.23 fails it too (no copy of the file that matches the "
-               "package was found in the index this list was made from)")
+               "output_tokens, so SGLang 0.5.23 fails it too")
 KNOWN_FAILURES: dict[str, str] = {
     "test_openai_server.py::TestOpenAIServerv1Responses::test_response": _OLDER_COPY,
     "test_openai_server.py::TestOpenAIServerv1Responses::test_penalty": _OLDER_COPY,
