@@ -95,10 +95,21 @@ NOT_APPLICABLE_FILES = {
         "the Anthropic messages API on tool-use models; not part of this project's contract yet",
     "test/registered/openai_server/basic/test_*_rust.py, test_rust_renderer.py":
         "SGLang's Rust gateway and renderer, not the Python server",
-    "test/registered/openai_server/basic/test_http2_server.py, test_uds_server.py, "
-    "test_http_server_liveness.py":
-        "SGLang's alternative HTTP transports (HTTP/2, Unix socket) and its liveness probes of "
-        "its own scheduler; not run yet (candidates for a later pass)",
+    # The next three were read on 2026-12-08 (the index holds one version of each) and run by
+    # hand with pytest on this machine: not put in FILES, for the reasons given.
+    "test/registered/openai_server/basic/test_http2_server.py (369fa46b, sha256 a5b8365f...)":
+        "skips itself here: SGLang's --enable-http2 serves through Granian, the optional extra "
+        "sglang[http2], which is not in this project's lock (the flag is front-half code and "
+        "means what it means in SGLang: without granian it fails there too); the test also "
+        "checks curl --http2-prior-knowledge",
+    "test/registered/openai_server/basic/test_uds_server.py (055f29d9, sha256 ed9b1987...)":
+        "not SGLang 0.5.23's behaviour: the copy calls popen_launch_server(uds_path=...) and "
+        "serves on a Unix socket, neither of which 0.5.23 has (TypeError in setUpClass before "
+        "any server starts, with 0.5.23's own test utilities)",
+    "test/registered/openai_server/basic/test_http_server_liveness.py (da55b7f0, sha256 bee75b0d...)":
+        "starts no server: it drives SGLang's FastAPI app in-process with a stubbed "
+        "TokenizerManager, a unit test of the front half; it fails on 0.5.23 itself (/ping "
+        "reads a global state only a launched server sets: AttributeError)",
     "test/registered/openai_server/basic/test_serving_transcription.py":
         "audio transcription (multimodal)",
     "test/registered/openai_server/features/test_watermark.py, test_textseal.py, "
