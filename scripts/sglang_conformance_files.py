@@ -99,9 +99,9 @@ NOT_APPLICABLE_FILES = {
     # hand with pytest on this machine: not put in FILES, for the reasons given.
     "test/registered/openai_server/basic/test_http2_server.py (369fa46b, sha256 a5b8365f...)":
         "skips itself here: SGLang's --enable-http2 serves through Granian, the optional extra "
-        "sglang[http2], which is not in this project's lock (the flag is front-half code and "
-        "means what it means in SGLang: without granian it fails there too); the test also "
-        "checks curl --http2-prior-knowledge",
+        "sglang[http2], which is not in this project's lock (the flag belongs to SGLang's front "
+        "half, which this server runs unchanged; not tried here without granian); the test "
+        "also checks curl --http2-prior-knowledge",
     "test/registered/openai_server/basic/test_uds_server.py (055f29d9, sha256 ed9b1987...)":
         "not SGLang 0.5.23's behaviour: the copy calls popen_launch_server(uds_path=...) and "
         "serves on a Unix socket, neither of which 0.5.23 has (TypeError in setUpClass before "
