@@ -13,6 +13,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from faser_sgl.managers.request_guard import MAX_BODY_BYTES
+
 ENV_VAR = "FASER_SGL_OPTIONS"
 
 
@@ -85,7 +87,7 @@ class FaserOptions:
     progress_timeout: float = 60.0
     # Largest body a generation endpoint accepts (413 above it, before it is buffered:
     # managers/request_guard.py); 0: no limit, as SGLang's own server has none.
-    max_request_bytes: int = 32 << 20
+    max_request_bytes: int = MAX_BODY_BYTES
     # Append each finished request's verification steps [(drafts, accepted), ...] to this JSONL
     # file (the simulator's acceptance traces, faser_sgl/sim/acceptance.py); None: off.
     record_acceptance: str | None = None

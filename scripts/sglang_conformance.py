@@ -181,6 +181,17 @@ def write_report(results: dict, report: Path) -> None:
     report.write_text("\n".join(lines) + "\n")
 
 
+def drop_stale(policy_results: dict, rerun: str | None = None) -> None:
+    """Delete a policy's saved results that no longer stand: those of the file being rerun,
+    of files no longer listed, and of tests now listed as not applicable or not run here."""
+    listed = {Path(f.path).name for f in manifest.FILES}
+    skipped = {**manifest.NOT_APPLICABLE_TESTS, **manifest.NOT_RUN_HERE}
+    for key in list(policy_results):
+        file_name = key.split("::")[0]
+        if file_name == rerun or file_name not in listed or key in skipped:
+            del policy_results[key]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", default="none,faser")
@@ -201,11 +212,8 @@ def main() -> None:
     results_path = args.report.parent / args.report.stem / "results.json"
     if args.report_only:
         results = json.loads(results_path.read_text())
-        listed = {Path(g.path).name for g in manifest.FILES}
-        skipped = {**manifest.NOT_APPLICABLE_TESTS, **manifest.NOT_RUN_HERE}
         for policy_results in results.values():
-            for key in [k for k in policy_results if k.split("::")[0] not in listed or k in skipped]:
-                del policy_results[key]
+            drop_stale(policy_results)
         results_path.write_text(json.dumps(classify(results), indent=1, sort_keys=True))
         write_report(results, args.report)
         return
@@ -222,11 +230,7 @@ def main() -> None:
             # Read, merge, write per file: another run (another policy, --port) may write too.
             results = json.loads(results_path.read_text()) if results_path.exists() else {}
             policy_results = results.setdefault(policy, {})
-            listed = {Path(g.path).name for g in manifest.FILES}
-            skipped = {**manifest.NOT_APPLICABLE_TESTS, **manifest.NOT_RUN_HERE}
-            for key in [k for k in policy_results if k.startswith(name + "::")
-                        or k.split("::")[0] not in listed or k in skipped]:
-                del policy_results[key]  # rerun, no longer listed, or now not applicable
+            drop_stale(policy_results, rerun=name)
             policy_results.update(fresh)
             results_path.parent.mkdir(parents=True, exist_ok=True)
             results_path.write_text(json.dumps(classify(results), indent=1, sort_keys=True))
